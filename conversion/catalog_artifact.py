@@ -1,0 +1,78 @@
+"""Stage 03: the catalog artifact that the feature-lookup model serves from.
+
+Item titles are encoded with exactly the served tokenizer and ONNX encoder
+(`model_repository.runtime`), so an item's stored embedding equals what `text_embed` returns
+for its title. Tables are written in sorted-id order with a cold-start row 0.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from conversion import stages
+from conversion.catalog_generator import Catalog, CatalogSettings, build_catalog
+from conversion.export_encoder import ENCODER_ONNX, TOKENIZER_JSON, EncoderExportSettings, export_encoder
+from model_repository import spec
+from model_repository.runtime import BucketTokenizer, CatalogTables, encode_texts, ort_session, user_bucket
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CatalogArtifactSettings:
+    encoder: EncoderExportSettings = field(default_factory=EncoderExportSettings)
+    catalog: CatalogSettings = field(default_factory=CatalogSettings)
+    batch_size: int = 64
+
+
+def build_tables(catalog: Catalog, encoder_dir: Path, batch_size: int = 64, threads: int = 2,
+                 progress: bool = True) -> tuple[CatalogTables, list[str]]:
+    tokenizer = BucketTokenizer(encoder_dir / TOKENIZER_JSON)
+    session = ort_session(encoder_dir / ENCODER_ONNX, threads=threads)
+    item_order = np.argsort(catalog.item_ids, kind="stable")
+    titles = [catalog.titles[i] for i in item_order]
+    emb = encode_texts(tokenizer, session, titles, batch_size=batch_size, progress=progress, desc="item titles")
+    d = emb.shape[1]
+    item_embeddings = np.zeros((len(titles) + 1, d), dtype=np.float32)
+    item_embeddings[1:] = emb
+    item_features = np.zeros((len(titles) + 1, len(spec.ITEM_FEATURE_COLUMNS)), dtype=np.int64)
+    item_features[1:] = np.stack([catalog.category, catalog.brand, catalog.price_bucket], axis=1)[item_order]
+
+    user_order = np.argsort(catalog.user_ids, kind="stable")
+    user_ids = catalog.user_ids[user_order]
+    user_features = np.zeros((len(user_ids) + 1, len(spec.USER_FEATURE_COLUMNS)), dtype=np.int64)
+    user_features[1:] = np.stack([user_bucket(user_ids), catalog.segment[user_order]], axis=1)
+    tables = CatalogTables(item_ids=catalog.item_ids[item_order], item_embeddings=item_embeddings,
+                           item_features=item_features, user_ids=user_ids, user_features=user_features)
+    return tables, titles
+
+
+def build_catalog_artifact(settings: CatalogArtifactSettings, force: bool = False) -> Path:
+    folder = stages.stage_dir("03-catalog-artifact", settings)
+    if stages.is_complete(folder) and not force:
+        log.info("catalog artifact up to date: %s", folder)
+        return folder
+    encoder_dir = export_encoder(settings.encoder)
+    catalog = Catalog.load(build_catalog(settings.catalog))
+    tables, titles = build_tables(catalog, encoder_dir, settings.batch_size)
+    with stages.atomic_stage(folder, settings) as tmp:
+        tables.save(tmp, titles=titles, meta={"encoder": encoder_dir.name})
+    return folder
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m conversion.catalog_artifact", description=__doc__.splitlines()[0])
+    p.add_argument("--force", action="store_true", help="rebuild even if the artifact for these settings exists")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    print(build_catalog_artifact(CatalogArtifactSettings(), force=args.force))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

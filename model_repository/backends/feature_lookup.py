@@ -1,0 +1,66 @@
+"""Feature lookup model: validates one request's ids and joins them with the catalog artifact.
+
+It emits one row per candidate (query embedding repeated) so the ranker can batch candidate
+rows from many requests. Ids missing from the artifact get the cold-start row, never an error.
+"""
+from __future__ import annotations
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from model_repository import spec
+from model_repository.backends.common import BadRequest, ModelContext, input_array
+from model_repository.runtime import CatalogTables
+
+
+def validate_ids(user_id: np.ndarray, candidates: np.ndarray, max_candidates: int) -> None:
+    if user_id.size != 1:
+        raise BadRequest(f"{spec.USER_ID.name} must hold exactly one id, got {user_id.size}")
+    if int(user_id.reshape(-1)[0]) < 0:
+        raise BadRequest(f"{spec.USER_ID.name} must be >= 0, got {int(user_id.reshape(-1)[0])}")
+    name = spec.CANDIDATE_IDS.name
+    if candidates.ndim != 1:
+        raise BadRequest(f"{name} must be 1-D [N], got shape {list(candidates.shape)}")
+    n = len(candidates)
+    if n == 0 or n > max_candidates:
+        raise BadRequest(f"{name} has {n} ids; between 1 and {max_candidates} are accepted")
+    negative = np.flatnonzero(candidates < 0)
+    if len(negative):
+        i = int(negative[0])
+        raise BadRequest(f"{name} must be >= 0; index {i} is {int(candidates[i])}")
+    uniq, counts = np.unique(candidates, return_counts=True)
+    if (counts > 1).any():
+        dup = uniq[counts > 1]
+        raise BadRequest(f"{name} contains duplicate ids ({len(dup)} repeated, e.g. {int(dup[0])})")
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        self.ctx = ModelContext(args)
+        self.max_candidates = int(self.ctx.param("max_candidates"))
+        # Memory-mapped: instances share the page cache instead of each holding a copy.
+        self.tables = CatalogTables.load(self.ctx.version_dir / "catalog", mmap=True)
+        self.q_name = spec.query_embedding(0).name
+        self.i_name = spec.item_embedding(0).name
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            query = input_array(request, self.q_name)
+            user_id = input_array(request, spec.USER_ID.name)
+            candidates = input_array(request, spec.CANDIDATE_IDS.name)
+            try:
+                validate_ids(user_id, candidates, self.max_candidates)
+            except BadRequest as err:
+                responses.append(self.ctx.invalid(err))
+                continue
+            n = len(candidates)
+            item_rows = self.tables.item_rows(candidates)
+            user_row = self.tables.user_rows(user_id.reshape(-1))
+            responses.append(pb_utils.InferenceResponse([
+                pb_utils.Tensor(self.q_name, np.repeat(query.reshape(1, -1), n, axis=0)),
+                pb_utils.Tensor(self.i_name, np.ascontiguousarray(self.tables.item_embeddings[item_rows])),
+                pb_utils.Tensor(spec.ITEM_FEATURES.name, np.ascontiguousarray(self.tables.item_features[item_rows])),
+                pb_utils.Tensor(spec.USER_FEATURES.name, np.repeat(self.tables.user_features[user_row], n, axis=0)),
+            ]))
+        return responses

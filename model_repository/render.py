@@ -1,0 +1,172 @@
+"""Render a Triton model repository from the pipeline spec and the built artifacts.
+
+Configs are typed `model_config_pb2.ModelConfig` messages (Triton's own proto, shipped with
+tritonclient) written with protobuf text_format, so a field that Triton does not know cannot
+be written. The repository is assembled in a scratch folder and swapped in whole.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from model_repository import spec
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {spec.BYTES: mc.TYPE_STRING, spec.INT32: mc.TYPE_INT32, spec.INT64: mc.TYPE_INT64, spec.FP32: mc.TYPE_FP32}
+CONFIG = "config.pbtxt"
+
+
+@dataclass(frozen=True)
+class Artifacts:
+    """Built stage folders that the CPU repository serves from."""
+
+    encoder_dir: Path  # encoder.onnx, tokenizer.json
+    catalog_dir: Path  # catalog artifact tables
+    ranker_dir: Path  # ranker.onnx
+
+
+def _tensor(t: spec.Tensor, cls):
+    msg = cls(name=t.name, data_type=_DTYPES[t.dtype], dims=list(t.dims))
+    if t.optional:
+        msg.optional = True
+    return msg
+
+
+def text_label(pipeline: spec.PipelineSpec) -> str:
+    """Names of the ensemble inputs that feed the tokenizer, for its error messages."""
+    names = [step.input_map[spec.ENCODER_TEXT.name] for e in pipeline.ensembles for step in e.steps
+             if step.model == spec.TOKENIZER]
+    return "/".join(dict.fromkeys(names))
+
+
+def model_config(model: spec.Model, extra_parameters: dict[str, str] | None = None) -> mc.ModelConfig:
+    cfg = mc.ModelConfig(name=model.name, backend="python", max_batch_size=model.max_batch_size)
+    cfg.input.extend(_tensor(t, mc.ModelInput) for t in model.inputs)
+    cfg.output.extend(_tensor(t, mc.ModelOutput) for t in model.outputs)
+    if model.dynamic_batching is not None:
+        cfg.dynamic_batching.max_queue_delay_microseconds = model.dynamic_batching.max_queue_delay_us
+        cfg.dynamic_batching.preferred_batch_size.extend(model.dynamic_batching.preferred_batch_size)
+    cfg.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=model.instance_count)
+    for key, value in {**model.parameters, **(extra_parameters or {})}.items():
+        cfg.parameters[key].string_value = value
+    return cfg
+
+
+def ensemble_config(ensemble: spec.Ensemble) -> mc.ModelConfig:
+    # Ensembles never batch or queue themselves; their composing models do.
+    cfg = mc.ModelConfig(name=ensemble.name, platform="ensemble", max_batch_size=0)
+    cfg.input.extend(_tensor(t, mc.ModelInput) for t in ensemble.inputs)
+    cfg.output.extend(_tensor(t, mc.ModelOutput) for t in ensemble.outputs)
+    for step in ensemble.steps:
+        s = cfg.ensemble_scheduling.step.add(model_name=step.model, model_version=-1)
+        s.input_map.update(step.input_map)
+        s.output_map.update(step.output_map)
+    return cfg
+
+
+def write_config(cfg: mc.ModelConfig, folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / CONFIG).write_text(text_format.MessageToString(cfg))
+
+
+def read_config(path: Path) -> mc.ModelConfig:
+    return text_format.Parse(path.read_text(), mc.ModelConfig())
+
+
+def _place(src: Path, dst: Path) -> None:
+    """Hard-link when possible (large files, same disk), copy otherwise; never a symlink, so
+    the repository stays valid when copied into a container image."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if src.is_dir():
+        for child in src.iterdir():
+            if child.name != "settings.json":
+                _place(child, dst / child.name)
+        return
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def model_files(artifacts: Artifacts) -> dict[str, dict[str, Path]]:
+    """Per model: destination name inside the version folder -> source path."""
+    return {
+        spec.TOKENIZER: {"tokenizer.json": artifacts.encoder_dir / "tokenizer.json"},
+        spec.QUERY_ENCODER: {"encoder.onnx": artifacts.encoder_dir / "encoder.onnx"},
+        spec.FEATURE_LOOKUP: {"catalog": artifacts.catalog_dir},
+        spec.CTR_RANKER: {"ranker.onnx": artifacts.ranker_dir / "ranker.onnx"},
+        spec.TOP_K_SELECT: {},
+    }
+
+
+def render_cpu_repository(pipeline: spec.PipelineSpec, artifacts: Artifacts, out: Path) -> Path:
+    """Write the CPU repository (python-backend models hosting ONNX Runtime) to `out`."""
+    out = Path(out)
+    files = model_files(artifacts)
+    for sources in files.values():
+        for src in sources.values():
+            if not src.exists():
+                raise FileNotFoundError(f"artifact missing: {src} (run `make models` first)")
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        for model in pipeline.models:
+            extra = {"text_label": text_label(pipeline)} if model.name == spec.TOKENIZER else None
+            write_config(model_config(model, extra), tmp / model.name)
+            version = tmp / model.name / "1"
+            version.mkdir(parents=True)
+            (version / "model.py").write_text(
+                f"from model_repository.backends.{model.backend_module} import TritonPythonModel  # noqa: F401\n")
+            for name, src in files[model.name].items():
+                _place(src, version / name)
+        for ensemble in pipeline.ensembles:
+            write_config(ensemble_config(ensemble), tmp / ensemble.name)
+            (tmp / ensemble.name / "1").mkdir()
+        (tmp / "MANIFEST.json").write_text(json.dumps({
+            "target": "cpu",
+            "artifacts": {k: str(v) for k, v in vars(artifacts).items()},
+            "models": [m.name for m in pipeline.models], "ensembles": [e.name for e in pipeline.ensembles],
+        }, indent=2))
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("rendered %s", out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    from conversion.build_models import PROFILES, built_artifacts
+    from conversion.stages import build_root
+
+    p = argparse.ArgumentParser(prog="python -m model_repository.render", description=__doc__.splitlines()[0])
+    p.add_argument("--profile", choices=sorted(PROFILES), default="default",
+                   help="which built models to serve (as passed to conversion.build_models)")
+    p.add_argument("--out", type=Path, help="repository folder (default: build/model_repository)")
+    p.add_argument("--encoder-threads", type=int, default=2, help="ONNX Runtime threads of the query encoder")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        artifacts, dim = built_artifacts(args.profile)
+        pipeline = spec.build_spec(dim, ort_threads=args.encoder_threads)
+        out = render_cpu_repository(pipeline, artifacts, args.out or build_root() / "model_repository")
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
