@@ -153,12 +153,13 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m model_repository.render", description=__doc__.splitlines()[0])
     p.add_argument("--profile", choices=sorted(PROFILES), default="default",
                    help="which built models to serve (as passed to conversion.build_models)")
+    p.add_argument("--model", default="", help="the HF encoder folder the models were built with (default: bundled)")
     p.add_argument("--out", type=Path, help="repository folder (default: build/model_repository)")
     p.add_argument("--encoder-threads", type=int, default=2, help="ONNX Runtime threads of the query encoder")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        artifacts, dim = built_artifacts(args.profile)
+        artifacts, dim = built_artifacts(args.profile, args.model)
         pipeline = spec.build_spec(dim, ort_threads=args.encoder_threads)
         out = render_cpu_repository(pipeline, artifacts, args.out or build_root() / "model_repository")
     except FileNotFoundError as e:

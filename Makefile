@@ -1,0 +1,61 @@
+# Search-ranking serving bundle. Every target installs what it needs into .venv first.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PROFILE ?= default
+REPOSITORY ?= build/model_repository
+GRPC_PORT ?= 8001
+HTTP_PORT ?= 8000
+METRICS_PORT ?= 8002
+PYTEST_ARGS ?=
+
+.PHONY: help venv models serve demo test test-unit test-server bench clean
+
+help:
+	@echo "make demo     build models, start Triton, rank sample queries, stop"
+	@echo "make test     run the test suite (unit + real-Triton server tests)"
+	@echo "make models   build artifacts (PROFILE=default|ci) and render $(REPOSITORY)"
+	@echo "make serve    serve $(REPOSITORY) on ports $(HTTP_PORT)/$(GRPC_PORT)/$(METRICS_PORT) until Ctrl-C"
+	@echo "make bench    search_rank latency (1 query, 100 candidates) against a fresh local server"
+
+venv: $(STAMP)
+
+# Re-installs only when pyproject.toml changes. torch==2.13.0 resolves to the CPU build on local disk.
+$(STAMP): pyproject.toml
+	@test -n "$(PYTHON)" || { echo "error: python3.11 not found"; exit 1; }
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' || \
+		{ echo "error: $(PYTHON) is not Python 3.11 (the Triton python-backend stub is built for 3.11)"; exit 1; }
+	@# The python-backend stub links the system libpython3.11; install it if this machine lacks it.
+	@ldconfig -p | grep -q 'libpython3.11.so.1.0' || { apt-get update -qq && apt-get install -y -qq libpython3.11; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[models,dev]"
+	touch $(STAMP)
+
+models: $(STAMP)
+	$(PY) -m conversion.build_models --profile $(PROFILE) $(if $(MODEL),--model $(MODEL))
+	$(PY) -m model_repository.render --profile $(PROFILE) $(if $(MODEL),--model $(MODEL)) --out $(REPOSITORY)
+
+serve: models
+	$(PY) -m model_repository.triton_server --repository $(REPOSITORY) \
+		--grpc-port $(GRPC_PORT) --http-port $(HTTP_PORT) --metrics-port $(METRICS_PORT)
+
+demo: models
+	$(PY) -m client.demo --repository $(REPOSITORY)
+
+test: $(STAMP)
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-unit: $(STAMP)
+	$(PY) -m pytest -m unit $(PYTEST_ARGS)
+
+test-server: $(STAMP)
+	$(PY) -m pytest -m server $(PYTEST_ARGS)
+
+bench: models
+	$(PY) -m client.bench --repository $(REPOSITORY)
+
+clean:
+	rm -rf build

@@ -1,0 +1,130 @@
+"""Thin typed gRPC client for the `search_rank` and `text_embed` ensembles.
+
+One channel per client, reused for every call; every call carries a deadline. Server errors
+come back as `SearchError` subclasses carrying the gRPC status code and Triton's message.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from model_repository import spec
+
+log = logging.getLogger(__name__)
+
+DEFAULT_URL = "127.0.0.1:8001"
+
+
+class SearchError(RuntimeError):
+    """A failed call; `code` is the gRPC status name (e.g. 'INVALID_ARGUMENT')."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+class InvalidRequest(SearchError):
+    """The server refused the request as malformed (INVALID_ARGUMENT); retrying cannot help."""
+
+
+@dataclass(frozen=True)
+class RankedItem:
+    item_id: int
+    score: float
+
+
+def _status_name(exc: InferenceServerException) -> str:
+    status = str(exc.status() or "UNKNOWN")
+    return status.removeprefix("StatusCode.")
+
+
+def _wrap(exc: InferenceServerException) -> SearchError:
+    code = _status_name(exc)
+    cls = InvalidRequest if code == "INVALID_ARGUMENT" else SearchError
+    return cls(code, exc.message() or str(exc))
+
+
+def _input(tensor: spec.Tensor, array: np.ndarray) -> grpcclient.InferInput:
+    inp = grpcclient.InferInput(tensor.name, list(array.shape), tensor.dtype)
+    inp.set_data_from_numpy(array)
+    return inp
+
+
+def _text_array(text: str | bytes) -> np.ndarray:
+    # BYTES tensors must be object arrays: np.bytes_ would strip trailing NUL bytes.
+    raw = text.encode("utf-8") if isinstance(text, str) else bytes(text)
+    return np.array([raw], dtype=np.object_)
+
+
+class SearchClient:
+    def __init__(self, url: str = DEFAULT_URL, timeout_s: float = 2.0):
+        self.url = url
+        self.timeout_s = timeout_s
+        self._grpc = grpcclient.InferenceServerClient(url)
+
+    def __enter__(self) -> "SearchClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._grpc.close()
+
+    def _infer(self, model: str, inputs, outputs: Sequence[spec.Tensor], timeout_s: float | None):
+        try:
+            result = self._grpc.infer(model, inputs, outputs=[grpcclient.InferRequestedOutput(t.name) for t in outputs],
+                                      client_timeout=timeout_s or self.timeout_s)
+        except InferenceServerException as exc:
+            raise _wrap(exc) from None
+        return [result.as_numpy(t.name) for t in outputs]
+
+    def rank(self, query: str | bytes, user_id: int, candidate_ids: Sequence[int] | np.ndarray,
+             top_k: int | None = None, timeout_s: float | None = None) -> list[RankedItem]:
+        """Candidates ordered by predicted click probability, best first (at most `top_k`)."""
+        ids = np.asarray(candidate_ids)
+        if ids.dtype.kind not in "iu" and ids.size:
+            raise TypeError(f"candidate_ids must be integers, got dtype {ids.dtype}")
+        inputs = [
+            _input(spec.QUERY, _text_array(query)),
+            _input(spec.USER_ID, np.array([user_id], dtype=np.int64)),
+            _input(spec.CANDIDATE_IDS, ids.astype(np.int64).reshape(-1)),
+        ]
+        if top_k is not None:
+            inputs.append(_input(spec.TOP_K, np.array([top_k], dtype=np.int32)))
+        item_ids, scores = self._infer(spec.SEARCH_RANK, inputs, (spec.ITEM_IDS, spec.SCORES), timeout_s)
+        return [RankedItem(int(i), float(s)) for i, s in zip(item_ids, scores)]
+
+    def embed(self, text: str | bytes, timeout_s: float | None = None) -> np.ndarray:
+        """L2-normalised text embedding [d] from the served encoder."""
+        emb_tensor = spec.text_embedding(-1)
+        (emb,) = self._infer(spec.TEXT_EMBED, [_input(spec.TEXT, _text_array(text))], (emb_tensor,), timeout_s)
+        return emb.reshape(-1)
+
+    def is_live(self) -> bool:
+        try:
+            return bool(self._grpc.is_server_live(client_timeout=self.timeout_s))
+        except InferenceServerException:
+            return False
+
+    def is_ready(self) -> bool:
+        """Server ready and both public ensembles ready."""
+        try:
+            return bool(self._grpc.is_server_ready(client_timeout=self.timeout_s)) and all(
+                self._grpc.is_model_ready(m, client_timeout=self.timeout_s) for m in (spec.SEARCH_RANK, spec.TEXT_EMBED))
+        except InferenceServerException:
+            return False
+
+    def wait_ready(self, timeout_s: float = 60.0, interval_s: float = 0.25) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not self.is_ready():
+            if time.monotonic() > deadline:
+                raise SearchError("UNAVAILABLE", f"{self.url} not ready after {timeout_s:.0f} s")
+            time.sleep(interval_s)

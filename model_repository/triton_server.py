@@ -1,0 +1,251 @@
+"""Start the real `tritonserver` (CPU: the binary inside the nvidia-pytriton wheel) on a repository.
+
+`run_triton_server()` is what the demo, `make serve` and the server tests use: it binds to
+loopback, polls readiness of the `search_rank` ensemble itself (not just the process), sends
+one real request through it so the first caller is not the slow one, fails fast with the log
+tail if the process dies, and stops the server with SIGINT (then SIGKILL) on exit.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from model_repository import spec
+
+log = logging.getLogger(__name__)
+
+PYTHON_STUB = "triton_python_backend_stub"
+
+
+class TritonStartError(RuntimeError):
+    """tritonserver exited or did not become ready; the message carries the log tail."""
+
+
+@dataclass(frozen=True)
+class TritonPorts:
+    http: int = 8000
+    grpc: int = 8001
+    metrics: int = 8002
+
+
+@dataclass
+class TritonSettings:
+    repository: Path
+    host: str = "127.0.0.1"
+    ports: TritonPorts = field(default_factory=TritonPorts)
+    startup_timeout_s: float = 180.0
+    log_verbose: int = 0
+    log_file: Path | None = None
+    warm: bool = True
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def free_ports(host: str = "127.0.0.1") -> TritonPorts:
+    return TritonPorts(http=free_port(host), grpc=free_port(host), metrics=free_port(host))
+
+
+def pytriton_root() -> Path:
+    import pytriton
+
+    return Path(pytriton.__file__).resolve().parent
+
+
+def prepare_backends(dest: Path | None = None) -> Path:
+    """A backend folder whose python backend has the stub for this interpreter beside it.
+
+    The wheel keeps one stub per Python version in a separate folder; Triton looks for the stub
+    next to libtriton_python.so. Linking them in a folder of our own leaves site-packages untouched.
+    """
+    root = pytriton_root() / "tritonserver"
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = root / "python_backend_stubs" / version / PYTHON_STUB
+    if not stub.is_file():
+        raise TritonStartError(f"nvidia-pytriton has no python backend stub for Python {version} ({stub})")
+    dest = dest or Path(tempfile.gettempdir()) / f"searchrank-triton-backends-{version}"
+    python_dir = dest / "python"
+    python_dir.mkdir(parents=True, exist_ok=True)
+    for src in [stub, *(root / "backends" / "python").glob("*.*")]:
+        link = python_dir / src.name
+        if not (link.is_symlink() and link.resolve() == src.resolve()):
+            link.unlink(missing_ok=True)
+            link.symlink_to(src)
+    return dest
+
+
+def server_command(settings: TritonSettings, backend_dir: Path) -> list[str]:
+    p = settings.ports
+    return [
+        str(pytriton_root() / "tritonserver" / "bin" / "tritonserver"),
+        f"--model-repository={Path(settings.repository).resolve()}",
+        f"--backend-directory={backend_dir}",
+        f"--http-address={settings.host}", f"--http-port={p.http}",
+        f"--grpc-address={settings.host}", f"--grpc-port={p.grpc}",
+        f"--metrics-address={settings.host}", f"--metrics-port={p.metrics}",
+        "--allow-metrics=true", "--allow-gpu-metrics=false",
+        f"--log-verbose={settings.log_verbose}",
+        # A python model that fails to load must fail the start, not leave a half-served ensemble.
+        "--exit-on-error=true", "--strict-readiness=true",
+    ]
+
+
+def server_env() -> dict[str, str]:
+    env = dict(os.environ)
+    libs = pytriton_root().parent / "nvidia_pytriton.libs"
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(libs), env.get("LD_LIBRARY_PATH")]))
+    # The python-backend stub embeds Python and picks up this interpreter's environment (the venv
+    # with onnxruntime, tokenizers, and this project) from VIRTUAL_ENV/PATH/PYTHONPATH.
+    venv = Path(sys.prefix)
+    env["VIRTUAL_ENV"] = str(venv)
+    env["PATH"] = os.pathsep.join([str(venv / "bin"), env.get("PATH", "")])
+    repo_root = Path(__file__).resolve().parent.parent
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(repo_root), env.get("PYTHONPATH")]))
+    return env
+
+
+class TritonServer:
+    def __init__(self, settings: TritonSettings):
+        self.settings = settings
+        self.process: subprocess.Popen | None = None
+        self._log_path = settings.log_file
+        self._log_handle = None
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self.settings.host}:{self.settings.ports.grpc}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.settings.host}:{self.settings.ports.metrics}/metrics"
+
+    def log_tail(self, lines: int = 40) -> str:
+        if self._log_path is None or not Path(self._log_path).exists():
+            return ""
+        return "\n".join(Path(self._log_path).read_text(errors="replace").splitlines()[-lines:])
+
+    def start(self) -> None:
+        repo = Path(self.settings.repository)
+        if not (repo / spec.SEARCH_RANK / "config.pbtxt").is_file():
+            raise TritonStartError(f"{repo} is not a rendered model repository (run `make models`)")
+        if self._log_path is None:
+            fd, name = tempfile.mkstemp(prefix="tritonserver-", suffix=".log")
+            os.close(fd)
+            self._log_path = Path(name)
+        self._log_handle = open(self._log_path, "w")
+        cmd = server_command(self.settings, prepare_backends())
+        log.info("starting tritonserver (grpc %s, log %s)", self.grpc_url, self._log_path)
+        self.process = subprocess.Popen(cmd, stdout=self._log_handle, stderr=subprocess.STDOUT, env=server_env(),
+                                        stdin=subprocess.DEVNULL)
+
+    def wait_ready(self) -> None:
+        import tritonclient.grpc as grpcclient
+
+        deadline = time.monotonic() + self.settings.startup_timeout_s
+        client = grpcclient.InferenceServerClient(self.grpc_url)
+        try:
+            while True:
+                if self.process is None or self.process.poll() is not None:
+                    code = None if self.process is None else self.process.returncode
+                    raise TritonStartError(f"tritonserver exited with code {code} before it was ready:\n"
+                                           f"{self.log_tail()}")
+                try:
+                    if all(client.is_model_ready(e) for e in (spec.SEARCH_RANK, spec.TEXT_EMBED)):
+                        break
+                except Exception:  # not listening yet
+                    pass
+                if time.monotonic() > deadline:
+                    raise TritonStartError(f"tritonserver not ready after {self.settings.startup_timeout_s:.0f} s:\n"
+                                           f"{self.log_tail()}")
+                time.sleep(0.25)
+        finally:
+            client.close()
+        if self.settings.warm:
+            self._warm()
+
+    def _warm(self) -> None:
+        # Ids need not exist: unknown candidates take the cold-start path, which is still a full pass.
+        from client import SearchClient
+
+        with SearchClient(self.grpc_url, timeout_s=30.0) as c:
+            c.rank("warm up the search ranking path", user_id=0, candidate_ids=list(range(1, 101)))
+            c.embed("warm up the text embedding path")
+
+    def stop(self, timeout_s: float = 30.0) -> int | None:
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                log.warning("tritonserver did not stop after SIGINT within %.0f s; killing it", timeout_s)
+                self.process.kill()
+                self.process.wait()
+        if self._log_handle is not None:
+            self._log_handle.close()
+        log.info("tritonserver stopped (exit code %s)", self.process.returncode)
+        return self.process.returncode
+
+
+@contextmanager
+def run_triton_server(repository: Path, ports: TritonPorts | None = None, **kwargs) -> Iterator[TritonServer]:
+    """Start Triton on free loopback ports (unless given), wait until ready, always stop it."""
+    settings = TritonSettings(repository=Path(repository), ports=ports or free_ports(), **kwargs)
+    server = TritonServer(settings)
+    try:
+        server.start()
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    from conversion.stages import build_root
+
+    d = TritonPorts()
+    p = argparse.ArgumentParser(prog="python -m model_repository.triton_server",
+                                description="Serve the rendered repository with tritonserver until Ctrl-C.")
+    p.add_argument("--repository", type=Path, default=build_root() / "model_repository")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
+    p.add_argument("--http-port", type=int, default=d.http)
+    p.add_argument("--grpc-port", type=int, default=d.grpc)
+    p.add_argument("--metrics-port", type=int, default=d.metrics)
+    p.add_argument("--log-file", type=Path, help="tritonserver log (default: a temporary file)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    ports = TritonPorts(http=args.http_port, grpc=args.grpc_port, metrics=args.metrics_port)
+    try:
+        with run_triton_server(args.repository, ports=ports, host=args.host, log_file=args.log_file) as server:
+            print(f"search_rank ready: grpc {server.grpc_url}, metrics {server.metrics_url} (Ctrl-C stops)", flush=True)
+            try:
+                while server.process.poll() is None:
+                    time.sleep(0.5)
+            except KeyboardInterrupt:
+                print("stopping tritonserver ...", flush=True)
+                return 0
+            print(f"error: tritonserver exited with code {server.process.returncode}:\n{server.log_tail()}",
+                  file=sys.stderr)
+            return 1
+    except TritonStartError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
