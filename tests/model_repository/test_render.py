@@ -1,0 +1,216 @@
+"""The rendered model repository (model_repository.render), read back with Triton's own proto."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
+
+from model_repository.render import Artifacts, render_cpu_repository
+
+pytestmark = pytest.mark.unit
+
+ENSEMBLES = ("search_rank", "text_embed")
+
+
+def parse(path: Path) -> model_config_pb2.ModelConfig:
+    return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+
+
+@pytest.fixture(scope="module")
+def configs(ci_repository) -> dict[str, model_config_pb2.ModelConfig]:
+    return {p.parent.name: parse(p) for p in sorted(Path(ci_repository).glob("*/config.pbtxt"))}
+
+
+def dtype_name(value: int) -> str:
+    return model_config_pb2.DataType.Name(value)
+
+
+def tensors(cfg: model_config_pb2.ModelConfig, kind: str) -> dict:
+    return {t.name: t for t in getattr(cfg, kind)}
+
+
+# ---- shape compatibility as Triton's ensemble validation sees it ---------------------------
+
+def _dims_match(a: list[int], b: list[int]) -> bool:
+    return len(a) == len(b) and all(x == y or x == -1 or y == -1 for x, y in zip(a, b))
+
+
+def shapes_compatible(dims_a, batching_a: bool, dims_b, batching_b: bool) -> bool:
+    """Per-request dims agree (-1 is a wildcard), or, where only one side batches, its dims with the
+    implicit leading batch dim (-1) agree with the other side's full shape."""
+    a, b = list(dims_a), list(dims_b)
+    if _dims_match(a, b):
+        return True
+    if batching_a and not batching_b:
+        return _dims_match([-1] + a, b)
+    if batching_b and not batching_a:
+        return _dims_match(a, [-1] + b)
+    return False
+
+
+def test_shape_rule_itself():
+    # The checker must be able to say no, or the wiring test below proves nothing.
+    assert shapes_compatible([384], True, [1, 384], False)
+    assert shapes_compatible([-1, 384], False, [384], True)
+    assert shapes_compatible([1], True, [-1, 1], False)
+    assert not shapes_compatible([384], True, [1, 128], False)
+    assert not shapes_compatible([384], False, [1, 384], False)
+    assert not shapes_compatible([3], True, [2], True)
+
+
+# ---- every config ---------------------------------------------------------------------------
+
+def test_repository_holds_every_model_and_ensemble(ci_repository, configs):
+    manifest = json.loads((Path(ci_repository) / "MANIFEST.json").read_text())
+    assert set(ENSEMBLES) <= set(manifest["ensembles"])
+    assert set(manifest["models"]) | set(manifest["ensembles"]) == set(configs)
+    assert not set(manifest["models"]) & set(manifest["ensembles"])
+    folders = {p.name for p in Path(ci_repository).iterdir() if p.is_dir()}
+    assert folders == set(configs)
+
+
+def test_config_names_match_folders(configs):
+    for folder, cfg in configs.items():
+        assert cfg.name == folder
+
+
+def test_composing_models_are_python_backends(ci_repository, configs):
+    models = [n for n, c in configs.items() if c.platform != "ensemble"]
+    assert len(models) >= 3
+    for name in models:
+        cfg = configs[name]
+        assert cfg.backend == "python", name
+        assert not cfg.HasField("ensemble_scheduling"), name
+        model_py = Path(ci_repository) / name / "1" / "model.py"
+        assert model_py.is_file(), name
+        assert "TritonPythonModel" in model_py.read_text()
+
+
+def test_ensembles(configs):
+    for name in ENSEMBLES:
+        cfg = configs[name]
+        assert cfg.platform == "ensemble" and cfg.backend == ""
+        assert cfg.max_batch_size == 0
+        assert len(cfg.ensemble_scheduling.step) >= 2
+
+
+# ---- ensemble wiring ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("ensemble", ENSEMBLES)
+def test_ensemble_steps_use_real_model_tensors(configs, ensemble):
+    for step in configs[ensemble].ensemble_scheduling.step:
+        assert step.model_name in configs, step.model_name
+        model = configs[step.model_name]
+        assert set(step.input_map) <= set(tensors(model, "input")), step.model_name
+        assert set(step.output_map) <= set(tensors(model, "output")), step.model_name
+        # Every required model input is fed.
+        required = {n for n, t in tensors(model, "input").items() if not t.optional}
+        assert required <= set(step.input_map), step.model_name
+
+
+@pytest.mark.parametrize("ensemble", ENSEMBLES)
+def test_ensemble_dataflow(configs, ensemble):
+    cfg = configs[ensemble]
+    ens_in, ens_out = tensors(cfg, "input"), tensors(cfg, "output")
+    # ensemble tensor -> (dtype, dims, batching) of whoever provides it
+    available = {n: (t.data_type, list(t.dims), False) for n, t in ens_in.items()}
+    for step in cfg.ensemble_scheduling.step:
+        model = configs[step.model_name]
+        batching = model.max_batch_size > 0
+        model_in, model_out = tensors(model, "input"), tensors(model, "output")
+        for model_name, ens_name in step.input_map.items():
+            assert ens_name in available, f"{step.model_name} reads {ens_name} before anything produces it"
+            dtype, dims, src_batching = available[ens_name]
+            t = model_in[model_name]
+            assert t.data_type == dtype, f"{ensemble}: {ens_name} -> {step.model_name}.{model_name} dtype"
+            assert shapes_compatible(dims, src_batching, t.dims, batching), \
+                f"{ensemble}: {ens_name} {dims} -> {step.model_name}.{model_name} {list(t.dims)}"
+        for model_name, ens_name in step.output_map.items():
+            assert ens_name not in available, f"{ens_name} produced twice"
+            t = model_out[model_name]
+            available[ens_name] = (t.data_type, list(t.dims), batching)
+    for name, t in ens_out.items():
+        assert name in available, f"ensemble output {name} is never produced"
+        dtype, dims, batching = available[name]
+        assert t.data_type == dtype, name
+        assert shapes_compatible(t.dims, False, dims, batching), name
+    # Internal tensors are private by convention.
+    internal = set(available) - set(ens_in) - set(ens_out)
+    assert all(n.startswith("_") for n in internal), internal
+
+
+# ---- the public contract (DESIGN.md, "The serving contract") -----------------------------
+
+SEARCH_RANK_CONTRACT = {
+    "input": {
+        "QUERY": ("TYPE_STRING", [1], False),
+        "USER_ID": ("TYPE_INT64", [1], False),
+        "CANDIDATE_IDS": ("TYPE_INT64", [-1], False),
+        "TOP_K": ("TYPE_INT32", [1], True),
+    },
+    "output": {
+        "ITEM_IDS": ("TYPE_INT64", [-1], False),
+        "SCORES": ("TYPE_FP32", [-1], False),
+    },
+}
+TEXT_EMBED_CONTRACT = {
+    "input": {"TEXT": ("TYPE_STRING", [1], False)},
+    "output": {"EMBEDDING": ("TYPE_FP32", [384], False)},  # all-MiniLM-L6-v2: d = 384
+}
+
+
+@pytest.mark.parametrize("ensemble, contract", [("search_rank", SEARCH_RANK_CONTRACT),
+                                                ("text_embed", TEXT_EMBED_CONTRACT)])
+def test_public_contract(configs, ensemble, contract):
+    cfg = configs[ensemble]
+    for kind, expected in contract.items():
+        actual = {t.name: (dtype_name(t.data_type), list(t.dims), getattr(t, "optional", False)) for t in getattr(cfg, kind)}
+        assert actual == expected, f"{ensemble} {kind}"
+
+
+# ---- batching -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("model", ["tokenizer", "query_encoder", "ctr_ranker"])
+def test_dynamic_batching(configs, model):
+    cfg = configs[model]
+    assert cfg.max_batch_size > 1
+    assert cfg.HasField("dynamic_batching")
+
+
+def test_ranker_batch_holds_a_full_request(configs):
+    # One request scores up to 1000 candidates as 1000 ranker rows.
+    assert configs["ctr_ranker"].max_batch_size >= 1000
+
+
+# ---- atomic render ---------------------------------------------------------------------------
+
+def test_render_with_missing_artifact_leaves_output_untouched(ci_models, ci_pipeline, tmp_path):
+    out = tmp_path / "model_repository"
+    out.mkdir()
+    (out / "marker.txt").write_text("keep me")
+    artifacts = Artifacts(encoder_dir=ci_models["encoder"], catalog_dir=ci_models["catalog_artifact"],
+                          ranker_dir=tmp_path / "no-such-ranker")
+    with pytest.raises(FileNotFoundError, match="ranker.onnx"):
+        render_cpu_repository(ci_pipeline, artifacts, out)
+    assert [p.name for p in out.iterdir()] == ["marker.txt"]
+    assert (out / "marker.txt").read_text() == "keep me"
+    assert [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name] == []
+
+
+def test_render_replaces_existing_output(ci_models, ci_pipeline, tmp_path):
+    out = tmp_path / "model_repository"
+    out.mkdir()
+    (out / "stale.txt").write_text("old")
+    artifacts = Artifacts(encoder_dir=ci_models["encoder"], catalog_dir=ci_models["catalog_artifact"],
+                          ranker_dir=ci_models["ranker"])
+    assert render_cpu_repository(ci_pipeline, artifacts, out) == out
+    assert not (out / "stale.txt").exists()
+    assert (out / "search_rank" / "config.pbtxt").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model_repository"]
+    # Served files are real files (hard links or copies), never symlinks.
+    assert not [p for p in out.rglob("*") if p.is_symlink()]
+    assert (out / "ctr_ranker" / "1" / "ranker.onnx").is_file()
+    assert (out / "feature_lookup" / "1" / "catalog" / "item_ids.npy").is_file()

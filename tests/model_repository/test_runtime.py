@@ -1,0 +1,207 @@
+"""Runtime pieces shared by serving and offline jobs (model_repository.runtime)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from tokenizers import Tokenizer
+
+from conversion.catalog_generator import Catalog
+from model_repository.runtime import N_USER_BUCKETS, BucketTokenizer, CatalogTables, user_bucket
+
+pytestmark = pytest.mark.unit
+
+
+# ---- BucketTokenizer ------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tokenizer_json(ci_models):
+    return ci_models["encoder"] / "tokenizer.json"
+
+
+@pytest.fixture(scope="module")
+def bucket_tok(tokenizer_json) -> BucketTokenizer:
+    return BucketTokenizer(tokenizer_json)
+
+
+@pytest.fixture(scope="module")
+def raw_tok(tokenizer_json) -> Tokenizer:
+    """The plain HF tokenizer, no padding and no truncation: the independent token count."""
+    tok = Tokenizer.from_file(str(tokenizer_json))
+    tok.no_padding()
+    tok.no_truncation()
+    return tok
+
+
+def n_tokens(raw_tok: Tokenizer, text: str) -> int:
+    return len(raw_tok.encode(text).ids)
+
+
+SHORT = "trail running shoes"
+MEDIUM = " ".join(["waterproof lightweight hiking boots in black leather"] * 5)  # ~40 tokens
+LONG = " ".join(["insulated stainless steel water bottle for kids"] * 40)  # ~300 tokens
+
+
+def test_test_texts_have_the_intended_lengths(raw_tok):
+    assert n_tokens(raw_tok, SHORT) <= 16
+    assert 32 < n_tokens(raw_tok, MEDIUM) <= 64
+    assert n_tokens(raw_tok, LONG) > 128
+
+
+@pytest.mark.parametrize("text, bucket", [(SHORT, 16), (MEDIUM, 64), (LONG, 128)])
+def test_single_text_pads_to_its_bucket(bucket_tok, raw_tok, text, bucket):
+    ids, mask = bucket_tok.encode([text])
+    assert ids.shape == mask.shape == (1, bucket)
+    assert ids.dtype == np.int64 and mask.dtype == np.int64
+    n = min(n_tokens(raw_tok, text), 128)
+    assert mask.sum() == n
+    np.testing.assert_array_equal(mask[0], np.r_[np.ones(n), np.zeros(bucket - n)])
+    assert (ids[0, n:] == raw_tok.token_to_id("[PAD]")).all()
+    if n < 128:
+        np.testing.assert_array_equal(ids[0, :n], raw_tok.encode(text).ids)
+
+
+def test_truncated_text_keeps_special_tokens(bucket_tok, raw_tok):
+    ids, _ = bucket_tok.encode([LONG])
+    assert ids[0, 0] == raw_tok.token_to_id("[CLS]")
+    assert ids[0, -1] == raw_tok.token_to_id("[SEP]")
+    np.testing.assert_array_equal(ids[0, 1:127], raw_tok.encode(LONG).ids[1:127])
+
+
+@pytest.mark.parametrize("words, bucket", [(14, 16), (15, 32), (30, 32), (31, 64)])
+def test_bucket_boundaries(bucket_tok, raw_tok, words, bucket):
+    # "shoe" is one word piece; [CLS] and [SEP] add two, so 14 words fill 16 exactly.
+    text = " ".join(["shoe"] * words)
+    assert n_tokens(raw_tok, text) == words + 2
+    ids, _ = bucket_tok.encode([text])
+    assert ids.shape[1] == bucket
+
+
+def test_batch_pads_to_longest_texts_bucket(bucket_tok, raw_tok):
+    texts = [SHORT, MEDIUM, "hat"]
+    ids, mask = bucket_tok.encode(texts)
+    assert ids.shape == (3, 64)
+    np.testing.assert_array_equal(mask.sum(axis=1), [n_tokens(raw_tok, t) for t in texts])
+    pad = raw_tok.token_to_id("[PAD]")
+    for row, t in enumerate(texts):
+        n = n_tokens(raw_tok, t)
+        np.testing.assert_array_equal(ids[row, :n], raw_tok.encode(t).ids)
+        assert (ids[row, n:] == pad).all()
+
+
+def test_pad_id_is_the_vocabularys_pad(bucket_tok, raw_tok):
+    assert bucket_tok.pad_id == raw_tok.token_to_id("[PAD]")
+
+
+# ---- CatalogTables --------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tables(ci_models) -> CatalogTables:
+    return CatalogTables.load(ci_models["catalog_artifact"])
+
+
+@pytest.fixture(scope="module")
+def catalog(ci_models) -> Catalog:
+    return Catalog.load(ci_models["catalog"])
+
+
+def test_table_shapes(tables, catalog):
+    n, m = len(catalog.item_ids), len(catalog.user_ids)
+    assert tables.item_ids.shape == (n,) and tables.user_ids.shape == (m,)
+    assert tables.item_embeddings.shape == (n + 1, 384)
+    assert tables.item_features.shape == (n + 1, 3) and tables.user_features.shape == (m + 1, 2)
+    assert tables.item_embeddings.dtype == np.float32
+    assert tables.embedding_dim == 384
+
+
+def test_ids_sorted_unique_and_complete(tables, catalog):
+    for ids, source in ((tables.item_ids, catalog.item_ids), (tables.user_ids, catalog.user_ids)):
+        assert (np.diff(ids) > 0).all()
+        assert set(ids.tolist()) == set(source.tolist())
+
+
+def test_cold_start_row_is_zero_and_others_unit_norm(tables):
+    assert not tables.item_embeddings[0].any()
+    assert not tables.item_features[0].any() and not tables.user_features[0].any()
+    norms = np.linalg.norm(tables.item_embeddings[1:], axis=1)
+    assert np.abs(norms - 1.0).max() < 1e-4
+
+
+def test_item_rows_find_generator_features(tables, catalog):
+    truth = {int(i): (int(c), int(b), int(p))
+             for i, c, b, p in zip(catalog.item_ids, catalog.category, catalog.brand, catalog.price_bucket)}
+    rng = np.random.default_rng(0)
+    sample = rng.choice(catalog.item_ids, 200, replace=False)
+    rows = tables.item_rows(sample)
+    assert (rows >= 1).all()
+    for item_id, row in zip(sample.tolist(), rows.tolist()):
+        assert tuple(tables.item_features[row].tolist()) == truth[item_id]
+
+
+def test_user_rows_find_generator_features(tables, catalog):
+    segment = dict(zip(catalog.user_ids.tolist(), catalog.segment.tolist()))
+    sample = np.random.default_rng(1).choice(catalog.user_ids, 100, replace=False)
+    rows = tables.user_rows(sample)
+    assert (rows >= 1).all()
+    for user_id, row in zip(sample.tolist(), rows.tolist()):
+        bucket, seg = tables.user_features[row].tolist()
+        assert seg == segment[user_id]
+        assert 1 <= bucket <= N_USER_BUCKETS
+
+
+def test_unknown_ids_get_cold_start_row(tables):
+    items = tables.item_ids
+    known = set(items.tolist())
+    gap = next(i for i in range(int(items[0]), int(items[-1])) if i not in known)
+    unknown = np.array([0, int(items.max()) + 1, int(items.min()) - 1, gap, 2**62], dtype=np.int64)
+    np.testing.assert_array_equal(tables.item_rows(unknown), 0)
+    users = tables.user_ids
+    np.testing.assert_array_equal(tables.user_rows(np.array([0, int(users.max()) + 1], dtype=np.int64)), 0)
+
+
+def test_item_rows_on_a_full_request(tables):
+    rng = np.random.default_rng(2)
+    ids = np.concatenate([rng.choice(tables.item_ids, 900, replace=False),
+                          int(tables.item_ids.max()) + 1 + np.arange(100)])
+    rows = tables.item_rows(ids)
+    assert rows.shape == (1000,) and np.issubdtype(rows.dtype, np.integer)
+    assert (rows[:900] >= 1).all() and (rows[900:] == 0).all()
+    # Known ids come back to themselves through the sorted id table.
+    np.testing.assert_array_equal(tables.item_ids[rows[:900] - 1], ids[:900])
+
+
+def test_user_bucket_range_and_spread():
+    # Sparse random ids, as the generator (and most id schemes) produce them.
+    ids = np.random.default_rng(3).choice(10**9, 20_000, replace=False).astype(np.int64) + 1
+    buckets = user_bucket(ids)
+    assert buckets.dtype == np.int64 and buckets.shape == ids.shape
+    assert buckets.min() >= 1 and buckets.max() <= N_USER_BUCKETS
+    # A uniform hash of 20k ids fills about 8192 * (1 - e^-2.44) ~ 7490 buckets.
+    assert len(np.unique(buckets)) > 7300
+    # Element-wise and stable: order and call do not matter.
+    np.testing.assert_array_equal(user_bucket(ids[::-1]), buckets[::-1])
+    np.testing.assert_array_equal(user_bucket(ids[:5].tolist()), buckets[:5])
+
+
+# ---- stored item embeddings equal the served encoder on the title --------------------------
+
+def test_item_embeddings_match_encoder_on_titles(ci_models, tables, catalog):
+    folder = ci_models["catalog_artifact"]
+    titles = json.loads((folder / CatalogTables.TITLES).read_text())
+    assert len(titles) == len(tables.item_ids)
+    by_id = dict(zip(catalog.item_ids.tolist(), catalog.titles))
+    assert [by_id[i] for i in tables.item_ids[:50].tolist()] == titles[:50]
+
+    tok = Tokenizer.from_file(str(ci_models["encoder"] / "tokenizer.json"))
+    tok.no_padding()
+    session = ort.InferenceSession(str(ci_models["encoder"] / "encoder.onnx"), providers=["CPUExecutionProvider"])
+    for row in (0, 1, 17, len(titles) // 2, len(titles) - 1):
+        enc = tok.encode(titles[row])
+        feeds = {"INPUT_IDS": np.array([enc.ids], dtype=np.int64),
+                 "ATTENTION_MASK": np.array([enc.attention_mask], dtype=np.int64)}
+        expected = session.run(["EMBEDDING"], feeds)[0][0]
+        stored = np.asarray(tables.item_embeddings[row + 1])
+        cosine = float(expected @ stored / (np.linalg.norm(expected) * np.linalg.norm(stored)))
+        assert cosine >= 0.99999, (row, titles[row], cosine)
