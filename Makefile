@@ -6,19 +6,21 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PROFILE ?= default
 REPOSITORY ?= build/model_repository
+HOST ?= 127.0.0.1
 GRPC_PORT ?= 8001
 HTTP_PORT ?= 8000
 METRICS_PORT ?= 8002
 PYTEST_ARGS ?=
 
-.PHONY: help venv models serve demo test test-unit test-server bench clean
+.PHONY: help venv models serve demo test test-unit test-server bench bench-perf-analyzer clean
 
 help:
 	@echo "make demo     build models, start Triton, rank sample queries, stop"
 	@echo "make test     run the test suite (unit + real-Triton server tests)"
 	@echo "make models   build artifacts (PROFILE=default|ci) and render $(REPOSITORY)"
 	@echo "make serve    serve $(REPOSITORY) on ports $(HTTP_PORT)/$(GRPC_PORT)/$(METRICS_PORT) until Ctrl-C"
-	@echo "make bench    search_rank latency (1 query, 100 candidates) against a fresh local server"
+	@echo "make bench    search_rank latency (100 and 1000 candidates) against a fresh local server"
+	@echo "make bench-perf-analyzer   the same, cross-checked with Triton's perf_analyzer"
 
 venv: $(STAMP)
 
@@ -39,7 +41,7 @@ models: $(STAMP)
 	$(PY) -m model_repository.render --profile $(PROFILE) $(if $(MODEL),--model $(MODEL)) --out $(REPOSITORY)
 
 serve: models
-	$(PY) -m model_repository.triton_server --repository $(REPOSITORY) \
+	$(PY) -m model_repository.triton_server --repository $(REPOSITORY) --host $(HOST) \
 		--grpc-port $(GRPC_PORT) --http-port $(HTTP_PORT) --metrics-port $(METRICS_PORT)
 
 demo: models
@@ -56,6 +58,17 @@ test-server: $(STAMP)
 
 bench: models
 	$(PY) -m client.bench --repository $(REPOSITORY)
+
+# perf_analyzer comes with tritonclient 2.34's wheel, which pins an old client: its own venv.
+PERF_VENV := .venv-perf
+$(PERF_VENV)/.installed:
+	@ldconfig -p | grep -q 'libb64.so.0d' || { apt-get update -qq && apt-get install -y -qq libb64-0d; }
+	test -x $(PERF_VENV)/bin/python || $(PYTHON) -m venv $(PERF_VENV)
+	$(PERF_VENV)/bin/pip install -q "tritonclient[all]==2.34.0" nvidia-cuda-runtime-cu12
+	touch $@
+
+bench-perf-analyzer: models $(PERF_VENV)/.installed
+	$(PY) -m client.bench --repository $(REPOSITORY) --perf-analyzer $(PERF_VENV)/bin/perf_analyzer
 
 clean:
 	rm -rf build

@@ -9,7 +9,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import subprocess
 import sys
+import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -42,12 +45,36 @@ def measure(client: SearchClient, item_ids: np.ndarray, candidates: int, calls: 
             "mean_ms": float(ms.mean())}
 
 
+def perf_analyzer(binary: Path, url: str, item_ids: np.ndarray, candidates: int) -> str:
+    """Triton's own load tool on the same server and request shape, one request in flight."""
+    rng = np.random.default_rng(0)
+    data = {"data": [{spec.QUERY.name: [q], spec.USER_ID.name: [i + 1],
+                      spec.CANDIDATE_IDS.name: {"content": rng.choice(item_ids, candidates, replace=False).tolist(),
+                                                "shape": [candidates]}} for i, q in enumerate(QUERIES)]}
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(data, f)
+    env = dict(os.environ)
+    # perf_analyzer links libcudart even without a GPU; the nvidia-cuda-runtime wheel in its venv has it.
+    cudart = next(binary.resolve().parent.parent.glob("lib/python3*/site-packages/nvidia/cuda_runtime/lib"), None)
+    if cudart is not None:
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(cudart), env.get("LD_LIBRARY_PATH")]))
+    cmd = [str(binary), "-m", spec.SEARCH_RANK, "-i", "grpc", "-u", url, "--input-data", f.name,
+           "--concurrency-range", "1", "--measurement-mode", "count_windows", "--measurement-request-count", "200",
+           "-s", "20", "--percentile", "99"]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    os.unlink(f.name)
+    if out.returncode != 0:
+        raise RuntimeError(f"perf_analyzer failed ({out.returncode}): {out.stderr.strip() or out.stdout[-2000:]}")
+    return out.stdout
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m client.bench", description=__doc__.splitlines()[0])
     p.add_argument("--repository", type=Path, default=build_root() / "model_repository")
     p.add_argument("--url", help="measure this running server (host:port) instead of starting one")
     p.add_argument("--candidates", type=int, nargs="+", default=[100, 1000])
     p.add_argument("--calls", type=int, default=200)
+    p.add_argument("--perf-analyzer", type=Path, help="also run this perf_analyzer binary against the same server")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     item_ids = CatalogTables.load(args.repository / spec.FEATURE_LOOKUP / "1" / "catalog").item_ids
@@ -56,10 +83,15 @@ def main(argv: list[str] | None = None) -> int:
         url = args.url or server.grpc_url
         with SearchClient(url, timeout_s=10.0) as client:
             results = [measure(client, item_ids, n, args.calls) for n in args.candidates]
+        reports = [(n, perf_analyzer(args.perf_analyzer, url, item_ids, n)) for n in args.candidates] \
+            if args.perf_analyzer else []
     for r in results:
         print(f"search_rank, 1 query, {r['candidates']} candidates, {r['calls']} calls: "
               f"median {r['median_ms']:.2f} ms, p90 {r['p90_ms']:.2f} ms, p99 {r['p99_ms']:.2f} ms")
     print(json.dumps(results))
+    for n, report in reports:
+        print(f"\nperf_analyzer, search_rank, {n} candidates, concurrency 1:")
+        print("\n".join(line for line in report.splitlines() if "latency" in line.lower() or "Throughput" in line))
     return 0
 
 

@@ -28,6 +28,8 @@ class CatalogArtifactSettings:
     encoder: EncoderExportSettings = field(default_factory=EncoderExportSettings)
     catalog: CatalogSettings = field(default_factory=CatalogSettings)
     batch_size: int = 64
+    # Bumped when the artifact's contents change for the same inputs (v2: user bucket hash).
+    format_version: int = 2
 
 
 def build_tables(catalog: Catalog, encoder_dir: Path, batch_size: int = 64, threads: int = 2,

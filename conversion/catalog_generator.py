@@ -132,6 +132,8 @@ def _brand_names(rng: np.random.Generator, n: int) -> list[str]:
 
 
 def generate(settings: CatalogSettings, progress: bool = True) -> Catalog:
+    if not 1 <= settings.slate_size <= len(POSITION_BIAS):
+        raise ValueError(f"slate_size must be between 1 and {len(POSITION_BIAS)}, got {settings.slate_size}")
     rng = np.random.default_rng(settings.seed)
     cat_names = list(CATEGORIES)
     n_cat = len(cat_names)

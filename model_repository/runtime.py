@@ -87,14 +87,19 @@ def encode_texts(tokenizer: BucketTokenizer, session, texts: Sequence[str], batc
 
 # ---- catalog tables ------------------------------------------------------------------------
 
-N_USER_BUCKETS = 8192
+USER_BUCKET_BITS = 13
+N_USER_BUCKETS = 1 << USER_BUCKET_BITS
 COLD_START_ROW = 0  # row 0 of every table: unknown item / default user
 
 
 def user_bucket(user_ids: np.ndarray) -> np.ndarray:
-    """Stable hash of user ids into 1..N_USER_BUCKETS (0 stays 'unknown')."""
-    h = (np.asarray(user_ids, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(40)
-    return (h % np.uint64(N_USER_BUCKETS)).astype(np.int64) + 1
+    """Stable hash of user ids into 1..N_USER_BUCKETS (0 stays 'unknown').
+
+    Fibonacci hashing: the top bits of id * 2^64/phi spread sequential ids evenly (the middle
+    bits do not).
+    """
+    h = (np.asarray(user_ids, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(64 - USER_BUCKET_BITS)
+    return h.astype(np.int64) + 1
 
 
 @dataclass
