@@ -65,3 +65,22 @@ def test_cli_bad_request_is_one_line_and_non_zero(triton):
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "INVALID_ARGUMENT" in lines[0] and "CANDIDATE_IDS" in lines[0]
+
+
+@pytest.mark.server
+def test_demo_ranks_sample_queries_and_stops(ci_repository):
+    from client.demo import SAMPLE_QUERIES
+
+    result = subprocess.run([sys.executable, "-m", "client.demo", "--repository", str(ci_repository),
+                             "--candidates", "50", "--top-k", "3"], cwd=REPO_ROOT, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    for query, _ in SAMPLE_QUERIES:
+        at = next(i for i, line in enumerate(lines) if line.startswith(f'query "{query}"'))
+        ranked = lines[at + 1:at + 4]
+        assert [r.split(".")[0].strip() for r in ranked] == ["1", "2", "3"]
+        scores = [float(r.split()[1]) for r in ranked]
+        assert scores == sorted(scores, reverse=True)
+        assert all("<cold start>" not in r and len(r.split()) >= 4 for r in ranked)  # titles are printed
+    assert lines[-1] == "tritonserver stopped"
