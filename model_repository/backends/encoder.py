@@ -26,7 +26,9 @@ class TritonPythonModel:
         ids = [input_array(r, spec.INPUT_IDS.name) for r in requests]
         masks = [input_array(r, spec.ATTENTION_MASK.name) for r in requests]
         width = max(x.shape[1] for x in ids)
-        if any(x.shape[1] != width for x in ids):  # only if the batcher ever mixes buckets
+        # The batcher only merges equal shapes, but a mixed call must not fail: padded positions
+        # carry mask 0, so their ids never reach the pooled embedding.
+        if any(x.shape[1] != width for x in ids):
             ids = [np.pad(x, ((0, 0), (0, width - x.shape[1]))) for x in ids]
             masks = [np.pad(x, ((0, 0), (0, width - x.shape[1]))) for x in masks]
         emb = self._run(np.concatenate(ids), np.concatenate(masks))

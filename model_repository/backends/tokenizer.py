@@ -1,7 +1,6 @@
 """Tokenizer model: UTF-8 text -> token ids and mask padded to a fixed sequence bucket."""
 from __future__ import annotations
 
-import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from model_repository import spec
