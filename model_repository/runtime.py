@@ -60,6 +60,9 @@ def ort_session(onnx_path: Path | str, threads: int = 1):
     opts.intra_op_num_threads = threads
     # Triton runs several model instances side by side; inter-op parallelism would oversubscribe.
     opts.inter_op_num_threads = 1
+    # Five python-backend stubs share the cores; idle ORT threads that spin-wait for work would
+    # steal them from whichever model is running.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     return ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
 
