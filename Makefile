@@ -12,7 +12,7 @@ HTTP_PORT ?= 8000
 METRICS_PORT ?= 8002
 PYTEST_ARGS ?=
 
-.PHONY: help venv models serve demo test test-unit test-server bench bench-perf-analyzer clean
+.PHONY: help venv models serve demo test test-unit test-server bench bench-perf-analyzer loadtest loadtest-distributed clean
 
 help:
 	@echo "make demo     build models, start Triton, rank sample queries, stop"
@@ -21,6 +21,10 @@ help:
 	@echo "make serve    serve $(REPOSITORY) on ports $(HTTP_PORT)/$(GRPC_PORT)/$(METRICS_PORT) until Ctrl-C"
 	@echo "make bench    search_rank latency (100 and 1000 candidates) against a fresh local server"
 	@echo "make bench-perf-analyzer   the same, cross-checked with Triton's perf_analyzer"
+	@echo "make loadtest [TARGET=host:port USERS= DURATION= RATE= LOADTEST_PROFILE=cpu|gpu]"
+	@echo "              Locust against TARGET (default: a local server on $(REPOSITORY)), checked against"
+	@echo "              loadtests/targets.toml; non-zero exit on any FAIL; reports in build/loadtest/"
+	@echo "make loadtest-distributed [WORKERS=2 ...]   the same with a Locust master and WORKERS workers"
 
 venv: $(STAMP)
 
@@ -33,7 +37,7 @@ $(STAMP): pyproject.toml
 	@ldconfig -p | grep -q 'libpython3.11.so.1.0' || { apt-get update -qq && apt-get install -y -qq libpython3.11; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[models,dev]"
+	$(PY) -m pip install -q -e ".[models,dev,loadtest]"
 	touch $(STAMP)
 
 models: $(STAMP)
@@ -69,6 +73,27 @@ $(PERF_VENV)/.installed:
 
 bench-perf-analyzer: models $(PERF_VENV)/.installed
 	$(PY) -m client.bench --repository $(REPOSITORY) --perf-analyzer $(PERF_VENV)/bin/perf_analyzer
+
+# Load tests (loadtests/README.md). Without TARGET a local server is started on $(REPOSITORY) (hence
+# `models`); with TARGET the traffic is still generated from $(REPOSITORY)'s catalog unless CATALOG= names one.
+# RATE switches to open loop (constant arrival rate, requests/s). Empty variables take the profile's load.
+TARGET ?=
+USERS ?=
+DURATION ?=
+RATE ?=
+WORKERS ?= 2
+CATALOG ?=
+LOADTEST_PROFILE ?= cpu
+LOADTEST_ARGS ?=
+LOADTEST_CMD = $(PY) -m loadtests.run --repository $(REPOSITORY) --profile $(LOADTEST_PROFILE) \
+	$(if $(TARGET),--target $(TARGET)) $(if $(CATALOG),--catalog $(CATALOG)) $(if $(USERS),--users $(USERS)) \
+	$(if $(DURATION),--duration $(DURATION)) $(if $(RATE),--mode open --rate $(RATE)) $(LOADTEST_ARGS)
+
+loadtest: $(STAMP) $(if $(TARGET),,models)
+	$(LOADTEST_CMD)
+
+loadtest-distributed: $(STAMP) $(if $(TARGET),,models)
+	$(LOADTEST_CMD) --workers $(WORKERS)
 
 clean:
 	rm -rf build

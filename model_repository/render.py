@@ -155,12 +155,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="which built models to serve (as passed to conversion.build_models)")
     p.add_argument("--model", default="", help="the HF encoder folder the models were built with (default: bundled)")
     p.add_argument("--out", type=Path, help="repository folder (default: build/model_repository)")
-    p.add_argument("--encoder-threads", type=int, default=2, help="ONNX Runtime threads of the query encoder")
+    p.add_argument("--ort-threads", type=int, default=spec.DEFAULT_ORT_THREADS,
+                   help="ONNX Runtime threads per model instance (encoder and ranker)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         artifacts, dim = built_artifacts(args.profile, args.model)
-        pipeline = spec.build_spec(dim, ort_threads=args.encoder_threads)
+        pipeline = spec.build_spec(dim, ort_threads=args.ort_threads)
         out = render_cpu_repository(pipeline, artifacts, args.out or build_root() / "model_repository")
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)

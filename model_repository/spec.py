@@ -18,6 +18,8 @@ MAX_QUERY_BYTES = 2048
 # Fixed padded lengths: requests batch in Triton only when shapes match, so the tokenizer pads
 # each text to the smallest bucket that holds it.
 SEQ_BUCKETS = (16, 32, 64, 128)
+# ONNX Runtime threads per model instance; this machine class has 2 cores (docs/architecture.md).
+DEFAULT_ORT_THREADS = 2
 
 # Triton data types as the KServe protocol spells them (tritonclient uses these strings).
 BYTES, INT32, INT64, FP32 = "BYTES", "INT32", "INT64", "FP32"
@@ -137,7 +139,8 @@ def item_embedding(dim: int) -> Tensor:
     return Tensor("ITEM_EMBEDDING", FP32, (dim,))
 
 
-def build_spec(embedding_dim: int, *, encoder_instances: int = 1, ort_threads: int = 1) -> PipelineSpec:
+def build_spec(embedding_dim: int, *, encoder_instances: int = 1, ort_threads: int = DEFAULT_ORT_THREADS
+               ) -> PipelineSpec:
     """The CPU pipeline for an encoder of `embedding_dim` (384 for all-MiniLM-L6-v2)."""
     emb = text_embedding(embedding_dim)
     q_emb = query_embedding(embedding_dim)

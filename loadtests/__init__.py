@@ -1,0 +1,7 @@
+"""Locust load tests that gate a release on latency, error-rate and throughput targets.
+
+`python -m loadtests.run` (`make loadtest`) is the entry point; `locustfile.py` is the Locust side,
+`traffic.py` the seeded request mix, `targets.py` the targets file and the PASS/FAIL check,
+`metrics.py` the Triton Prometheus scraper, `report.py` the PNG and `sweep.py` the open-loop
+rate sweep. See loadtests/README.md.
+"""
