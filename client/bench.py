@@ -23,7 +23,7 @@ from tqdm import tqdm
 from client import SearchClient
 from conversion.stages import build_root
 from model_repository import spec
-from model_repository.runtime import CatalogTables
+from model_repository.runtime import CatalogTables, served_catalog_dir
 from model_repository.triton_server import run_triton_server
 
 QUERIES = ("red running shoes", "waterproof hiking boots", "noise cancelling headphones", "cast iron frying pan")
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--perf-analyzer", type=Path, help="also run this perf_analyzer binary against the same server")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    item_ids = CatalogTables.load(args.repository / spec.FEATURE_LOOKUP / "1" / "catalog").item_ids
+    item_ids = CatalogTables.load(served_catalog_dir(args.repository)).item_ids
     server_cm = nullcontext(None) if args.url else run_triton_server(args.repository)
     with server_cm as server:
         url = args.url or server.grpc_url

@@ -10,8 +10,7 @@ import numpy as np
 
 from client import SearchClient
 from conversion.stages import build_root
-from model_repository import spec
-from model_repository.runtime import CatalogTables
+from model_repository.runtime import CatalogTables, served_catalog_dir
 from model_repository.triton_server import TritonStartError, run_triton_server
 
 SAMPLE_QUERIES = (
@@ -29,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top-k", type=int, default=5)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    catalog_dir = args.repository / spec.FEATURE_LOOKUP / "1" / "catalog"
+    catalog_dir = served_catalog_dir(args.repository)
     if not catalog_dir.is_dir():
         print(f"error: no rendered repository at {args.repository} (run `make models`)", file=sys.stderr)
         return 2

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from conversion.catalog_artifact import CatalogArtifactSettings, build_catalog_artifact
 from conversion.catalog_generator import CatalogSettings, build_catalog
-from conversion.export_encoder import (REPORT_JSON, EncoderExportSettings, ExportFidelityError,
+from conversion.export_encoder import (REPORT_JSON, ExportFidelityError,
                                        UnsupportedModelError, export_encoder, read_embedding_dim)
 from conversion.stages import is_complete, stage_dir
 from conversion.train_ranker import METRICS_JSON, RankerSettings, build_ranker

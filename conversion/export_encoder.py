@@ -29,13 +29,13 @@ import torch
 import transformers
 
 from conversion import stages
-from model_repository import spec
+from model_repository import runtime, spec
 
 log = logging.getLogger(__name__)
 
 STAGE = "01-encoder-fp32"
-ENCODER_ONNX = "encoder.onnx"
-TOKENIZER_JSON = "tokenizer.json"
+ENCODER_ONNX = runtime.ENCODER_FILE
+TOKENIZER_JSON = runtime.TOKENIZER_FILE
 REPORT_JSON = "export_report.json"
 # Families whose encoders accept (input_ids, attention_mask, token_type_ids) and return last_hidden_state.
 BERT_FAMILY = frozenset({"bert", "roberta", "xlm-roberta", "camembert", "electra"})

@@ -24,11 +24,12 @@ from conversion.catalog_artifact import CatalogArtifactSettings, build_catalog_a
 from conversion.catalog_generator import CATEGORIES, N_PRICE_BUCKETS, Catalog, build_catalog
 from conversion.export_encoder import ENCODER_ONNX, TOKENIZER_JSON, ExportFidelityError, export_encoder
 from model_repository import spec
+from model_repository import runtime
 from model_repository.runtime import N_USER_BUCKETS, BucketTokenizer, CatalogTables, encode_texts, ort_session
 
 log = logging.getLogger(__name__)
 
-RANKER_ONNX = "ranker.onnx"
+RANKER_ONNX = runtime.RANKER_FILE
 RANKER_WEIGHTS = "ranker.pt"
 METRICS_JSON = "metrics.json"
 

@@ -42,10 +42,7 @@ import grpc.experimental.gevent as grpc_gevent
 
 grpc_gevent.init_gevent()
 
-# Locust puts only this file's folder on sys.path; the project packages live one level up.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from client import SearchClient, SearchError  # noqa: E402
+from client import SearchClient, SearchError  # noqa: E402  (after init_gevent)
 from loadtests import targets as targets_mod  # noqa: E402
 from loadtests import traffic  # noqa: E402
 

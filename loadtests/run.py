@@ -13,7 +13,6 @@ import argparse
 import json
 import logging
 import math
-import os
 import subprocess
 import sys
 import time
@@ -21,14 +20,17 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from conversion.stages import build_root
 from loadtests import metrics, report, targets, traffic
+from model_repository.runtime import served_catalog_dir
+from model_repository.triton_server import TritonPorts
 
 log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
-DEFAULT_REPOSITORY = REPO_ROOT / "build" / "model_repository"
-TRITON_METRICS_PORT = 8002  # Triton's default; a remote --target's metrics are assumed there
+# Triton's default; a remote --target's metrics are assumed there.
+TRITON_METRICS_PORT = TritonPorts().metrics
 # Locust needs a few seconds to start and to write its reports after the run time; past this
 # margin the run is considered hung and killed, so a load test can never run unbounded.
 STARTUP_MARGIN_S = 90
@@ -86,12 +88,6 @@ def locust_command(s: RunSettings, target: str) -> list[str]:
     ]
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    return env
-
-
 def _wait(proc: subprocess.Popen, timeout_s: float, what: str) -> int:
     try:
         return proc.wait(timeout=timeout_s)
@@ -110,19 +106,19 @@ def run_locust(s: RunSettings, target: str) -> int:
     limit = s.duration_s + s.request_timeout_s + STARTUP_MARGIN_S
     if s.workers <= 0:
         log.info("locust: %s", " ".join(cmd))
-        return _wait(subprocess.Popen(cmd, cwd=REPO_ROOT, env=_env(), stdin=subprocess.DEVNULL), limit, "locust")
+        return _wait(subprocess.Popen(cmd, cwd=REPO_ROOT, stdin=subprocess.DEVNULL), limit, "locust")
     port = free_port()
     master_cmd = cmd[:-1] + ["--master", "--master-bind-host", "127.0.0.1", "--master-bind-port", str(port),
                              "--expect-workers", str(s.workers), "--expect-workers-max-wait", "60", cmd[-1]]
     log.info("locust master: %s", " ".join(master_cmd))
-    master = subprocess.Popen(master_cmd, cwd=REPO_ROOT, env=_env(), stdin=subprocess.DEVNULL)
+    master = subprocess.Popen(master_cmd, cwd=REPO_ROOT, stdin=subprocess.DEVNULL)
     workers = []
     for i in range(s.workers):
         # Workers get the custom options (catalog, seed, timeouts, ...) from the master.
         worker_cmd = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--worker",
                       "--master-host", "127.0.0.1", "--master-port", str(port), "--loglevel", "INFO"]
         log_file = open(s.out / f"worker-{i}.log", "w")
-        workers.append((subprocess.Popen(worker_cmd, cwd=REPO_ROOT, env=_env(), stdin=subprocess.DEVNULL,
+        workers.append((subprocess.Popen(worker_cmd, cwd=REPO_ROOT, stdin=subprocess.DEVNULL,
                                          stdout=log_file, stderr=subprocess.STDOUT), log_file))
     code = _wait(master, limit + 60, "locust master")
     for proc, log_file in workers:
@@ -184,7 +180,7 @@ def default_metrics_url(target: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m loadtests.run", description=__doc__.splitlines()[0])
     p.add_argument("--target", help="host:port of a running server's gRPC endpoint (default: start a local one)")
-    p.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY,
+    p.add_argument("--repository", type=Path, default=build_root() / "model_repository",
                    help="rendered model repository: served when no --target, and its catalog feeds the traffic")
     p.add_argument("--catalog", type=Path, help="catalog artifact folder (default: <repository>/feature_lookup/1/catalog)")
     p.add_argument("--metrics-url", help="Triton metrics endpoint ('none' to skip; default: the local server's, "
@@ -208,10 +204,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def settings_from_args(args: argparse.Namespace, profile: targets.Profile) -> RunSettings:
     load = profile.load
-    out = args.out or REPO_ROOT / "build" / "loadtest" / time.strftime("%Y%m%d-%H%M%S")
+    out = args.out or build_root() / "loadtest" / time.strftime("%Y%m%d-%H%M%S")
     users = args.users or (max(1, args.workers) if args.mode == "open" else load.users)
     return RunSettings(
-        catalog=args.catalog or traffic.catalog_folder(args.repository), out=out, targets_file=args.targets,
+        catalog=args.catalog or served_catalog_dir(args.repository), out=out, targets_file=args.targets,
         profile=args.profile, users=users, spawn_rate=args.spawn_rate or max(load.spawn_rate, users),
         duration_s=args.duration or load.duration_s, mode=args.mode, arrival_rate=args.rate,
         think_time_s=load.think_time_s if args.think_time is None else args.think_time,

@@ -9,12 +9,12 @@ names the first rate whose p99 misses the target.
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 import time
 from pathlib import Path
 
+from conversion.stages import build_root
 from loadtests import run, targets, traffic
 
 log = logging.getLogger(__name__)
@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     profile = targets.load_profile(args.targets, args.profile)
     target_p99 = profile.targets[args.watch].p99_ms
-    root = args.out or run.REPO_ROOT / "build" / "loadtest" / f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"
+    root = args.out or build_root() / "loadtest" / f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"
     rows = []
     with run.local_or_remote(args) as server:
         target = args.target or server.grpc_url

@@ -124,11 +124,6 @@ class CatalogData:
                    titles=list(titles), user_ids=np.asarray(tables.user_ids, dtype=np.int64))
 
 
-def catalog_folder(repository: Path | str) -> Path:
-    """Where a rendered repository keeps the catalog artifact of the feature-lookup model."""
-    return Path(repository) / spec.FEATURE_LOOKUP / "1" / "catalog"
-
-
 def _zipf_weights(n: int, exponent: float = 1.0) -> np.ndarray:
     w = 1.0 / np.arange(1, n + 1) ** exponent
     return w / w.sum()

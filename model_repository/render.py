@@ -18,7 +18,7 @@ from pathlib import Path
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from model_repository import spec
+from model_repository import runtime, spec
 
 log = logging.getLogger(__name__)
 
@@ -101,10 +101,10 @@ def _place(src: Path, dst: Path) -> None:
 def model_files(artifacts: Artifacts) -> dict[str, dict[str, Path]]:
     """Per model: destination name inside the version folder -> source path."""
     return {
-        spec.TOKENIZER: {"tokenizer.json": artifacts.encoder_dir / "tokenizer.json"},
-        spec.QUERY_ENCODER: {"encoder.onnx": artifacts.encoder_dir / "encoder.onnx"},
-        spec.FEATURE_LOOKUP: {"catalog": artifacts.catalog_dir},
-        spec.CTR_RANKER: {"ranker.onnx": artifacts.ranker_dir / "ranker.onnx"},
+        spec.TOKENIZER: {runtime.TOKENIZER_FILE: artifacts.encoder_dir / runtime.TOKENIZER_FILE},
+        spec.QUERY_ENCODER: {runtime.ENCODER_FILE: artifacts.encoder_dir / runtime.ENCODER_FILE},
+        spec.FEATURE_LOOKUP: {runtime.CATALOG_FOLDER: artifacts.catalog_dir},
+        spec.CTR_RANKER: {runtime.RANKER_FILE: artifacts.ranker_dir / runtime.RANKER_FILE},
         spec.TOP_K_SELECT: {},
     }
 

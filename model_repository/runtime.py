@@ -19,6 +19,20 @@ from model_repository import spec
 
 log = logging.getLogger(__name__)
 
+# ---- file names shared by the stage folders and the rendered repository ------------------------
+# The conversion stages write these names and the python-backend models read them from their
+# version folder, so render copies files across without renaming.
+TOKENIZER_FILE = "tokenizer.json"
+ENCODER_FILE = "encoder.onnx"
+RANKER_FILE = "ranker.onnx"
+CATALOG_FOLDER = "catalog"
+
+
+def served_catalog_dir(repository: Path | str) -> Path:
+    """Where a rendered repository keeps the feature-lookup model's catalog artifact."""
+    return Path(repository) / spec.FEATURE_LOOKUP / "1" / CATALOG_FOLDER
+
+
 # ---- text ----------------------------------------------------------------------------------
 
 

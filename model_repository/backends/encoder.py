@@ -6,13 +6,14 @@ import triton_python_backend_utils as pb_utils
 
 from model_repository import spec
 from model_repository.backends.common import ModelContext, input_array
+from model_repository import runtime
 from model_repository.runtime import ort_session
 
 
 class TritonPythonModel:
     def initialize(self, args):
         self.ctx = ModelContext(args)
-        self.session = ort_session(self.ctx.version_dir / "encoder.onnx", int(self.ctx.param("intra_op_num_threads", "1")))
+        self.session = ort_session(self.ctx.version_dir / runtime.ENCODER_FILE, int(self.ctx.param("intra_op_num_threads", "1")))
         self.output = self.session.get_outputs()[0].name
         # Warm every bucket so the first real request of each length is not the slow one.
         for length in spec.SEQ_BUCKETS:

@@ -10,6 +10,7 @@ import triton_python_backend_utils as pb_utils
 
 from model_repository import spec
 from model_repository.backends.common import BadRequest, ModelContext, input_array
+from model_repository import runtime
 from model_repository.runtime import CatalogTables
 
 
@@ -39,7 +40,7 @@ class TritonPythonModel:
         self.ctx = ModelContext(args)
         self.max_candidates = int(self.ctx.param("max_candidates"))
         # Memory-mapped: instances share the page cache instead of each holding a copy.
-        self.tables = CatalogTables.load(self.ctx.version_dir / "catalog", mmap=True)
+        self.tables = CatalogTables.load(self.ctx.version_dir / runtime.CATALOG_FOLDER, mmap=True)
         self.q_name = spec.query_embedding(0).name
         self.i_name = spec.item_embedding(0).name
 

@@ -5,6 +5,7 @@ import triton_python_backend_utils as pb_utils
 
 from model_repository import spec
 from model_repository.backends.common import BadRequest, ModelContext, input_array
+from model_repository import runtime
 from model_repository.runtime import BucketTokenizer
 
 
@@ -29,7 +30,7 @@ class TritonPythonModel:
         self.max_bytes = int(self.ctx.param("max_query_bytes"))
         # Ensemble inputs that feed this model, so an error names the tensor the client sent.
         self.label = self.ctx.param("text_label", spec.ENCODER_TEXT.name)
-        self.tokenizer = BucketTokenizer(self.ctx.version_dir / "tokenizer.json", buckets)
+        self.tokenizer = BucketTokenizer(self.ctx.version_dir / runtime.TOKENIZER_FILE, buckets)
         self.tokenizer.encode(["warm up the tokenizer"])
 
     def execute(self, requests):
