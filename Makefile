@@ -5,6 +5,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PROFILE ?= default
+ENCODER ?= int8
+POINTS ?= 0.5:0,0.35:2,0.25:3
+ENCODER_REPORT ?= $(if $(filter default,$(PROFILE)),$(if $(filter int8,$(ENCODER)),docs/encoder_compression.md))
 REPOSITORY ?= build/model_repository
 HOST ?= 127.0.0.1
 GRPC_PORT ?= 8001
@@ -12,12 +15,15 @@ HTTP_PORT ?= 8000
 METRICS_PORT ?= 8002
 PYTEST_ARGS ?=
 
-.PHONY: help venv models serve demo test test-unit test-server bench bench-perf-analyzer loadtest loadtest-distributed clean
+# encoder-frontier: keep-FLOPs/layers vs fidelity vs speed, one table (POINTS=0.5:0,0.35:2,...)
+.PHONY: encoder-frontier help venv models serve demo test test-unit test-server bench bench-perf-analyzer loadtest loadtest-distributed clean
 
 help:
 	@echo "make demo     build models, start Triton, rank sample queries, stop"
 	@echo "make test     run the test suite (unit + real-Triton server tests)"
-	@echo "make models   build artifacts (PROFILE=default|ci) and render $(REPOSITORY)"
+	@echo "make models   build artifacts (PROFILE=default|ci, ENCODER=int8|fp32) and render $(REPOSITORY);"
+	@echo "              the default profile also writes the encoder compression report (docs/encoder_compression.md)"
+	@echo "make encoder-frontier [POINTS=0.5:0,0.35:2]   pruning budget vs fidelity vs speed (docs/encoder_frontier.md)"
 	@echo "make serve    serve $(REPOSITORY) on ports $(HTTP_PORT)/$(GRPC_PORT)/$(METRICS_PORT) until Ctrl-C"
 	@echo "make bench    search_rank latency (100 and 1000 candidates) against a fresh local server"
 	@echo "make bench-perf-analyzer   the same, cross-checked with Triton's perf_analyzer"
@@ -41,8 +47,10 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 models: $(STAMP)
-	$(PY) -m conversion.build_models --profile $(PROFILE) $(if $(MODEL),--model $(MODEL))
-	$(PY) -m model_repository.render --profile $(PROFILE) $(if $(MODEL),--model $(MODEL)) --out $(REPOSITORY)
+	$(PY) -m conversion.build_models --profile $(PROFILE) --encoder $(ENCODER) $(if $(MODEL),--model $(MODEL)) \
+		$(if $(ENCODER_REPORT),--report-markdown $(ENCODER_REPORT))
+	$(PY) -m model_repository.render --profile $(PROFILE) --encoder $(ENCODER) $(if $(MODEL),--model $(MODEL)) \
+		--out $(REPOSITORY)
 
 serve: models
 	$(PY) -m model_repository.triton_server --repository $(REPOSITORY) --host $(HOST) \
@@ -59,6 +67,9 @@ test-unit: $(STAMP)
 
 test-server: $(STAMP)
 	$(PY) -m pytest -m server $(PYTEST_ARGS)
+
+encoder-frontier: $(STAMP)
+	$(PY) -m conversion.encoder_frontier --points $(POINTS) --markdown docs/encoder_frontier.md
 
 bench: models
 	$(PY) -m client.bench --repository $(REPOSITORY)

@@ -12,49 +12,61 @@ import logging
 import sys
 from pathlib import Path
 
-from conversion.catalog_artifact import CatalogArtifactSettings, build_catalog_artifact
+from conversion import catalog_artifact, compress_encoder, export_encoder as export_stage, train_ranker
+from conversion.catalog_artifact import CatalogArtifactSettings, build_catalog_artifact, served_encoder
 from conversion.catalog_generator import CatalogSettings, build_catalog
-from conversion.export_encoder import (REPORT_JSON, ExportFidelityError,
+from conversion.export_encoder import (REPORT_JSON, ExportFidelityError, EncoderExportSettings,
                                        UnsupportedModelError, export_encoder, read_embedding_dim)
-from conversion.stages import is_complete, stage_dir
+from conversion.prune_encoder import PruneSettings
+from conversion.stages import build_root, is_complete, stage_dir
 from conversion.train_ranker import METRICS_JSON, RankerSettings, build_ranker
 
 log = logging.getLogger(__name__)
 
-# "ci" is small but real: the same stages on a smaller catalog, so the suite fits CI's budget.
+_CI_CATALOG = CatalogSettings(n_items=3000, n_users=1500, n_sessions=12000)
+# "ci" is small but real: the same stages on a smaller catalog and a short distillation, so the
+# suite fits CI's budget.
 PROFILES: dict[str, RankerSettings] = {
     "default": RankerSettings(),
     "ci": RankerSettings(
-        artifact=CatalogArtifactSettings(catalog=CatalogSettings(n_items=3000, n_users=1500, n_sessions=12000)),
+        artifact=CatalogArtifactSettings.compose(catalog=_CI_CATALOG,
+                                                 prune=PruneSettings(distill_steps=80, importance_texts=256)),
         epochs=5),
 }
+ENCODERS = ("int8", "fp32")  # served encoder: pruned + ORT INT8 (default) or the FP32 export
 
 
-def profile_settings(profile: str, model: str = "") -> RankerSettings:
+def profile_settings(profile: str, model: str = "", encoder: str = "int8") -> RankerSettings:
+    if encoder not in ENCODERS:
+        raise ValueError(f"encoder must be one of {ENCODERS}, got {encoder!r}")
     settings = PROFILES[profile]
-    if model:
-        encoder = dataclasses.replace(settings.artifact.encoder, model=str(Path(model).resolve()))
-        settings = dataclasses.replace(settings, artifact=dataclasses.replace(settings.artifact, encoder=encoder))
-    return settings
+    art = settings.artifact
+    prune = (art.compression.prune if art.compression is not None else PruneSettings()) if encoder == "int8" else None
+    teacher = dataclasses.replace(art.encoder, model=str(Path(model).resolve())) if model else art.encoder
+    artifact = CatalogArtifactSettings.compose(teacher, art.catalog, prune)
+    return dataclasses.replace(settings, artifact=artifact)
 
 
 def build(settings: RankerSettings) -> dict[str, Path]:
-    encoder_dir = export_encoder(settings.artifact.encoder)
-    catalog_dir = build_catalog(settings.artifact.catalog)
-    artifact_dir = build_catalog_artifact(settings.artifact)
-    ranker_dir = build_ranker(settings)
-    return {"encoder": encoder_dir, "catalog": catalog_dir, "catalog_artifact": artifact_dir, "ranker": ranker_dir}
+    folders = {"encoder_fp32": export_encoder(settings.artifact.encoder),
+               "catalog": build_catalog(settings.artifact.catalog),
+               "encoder": served_encoder(settings.artifact)}
+    folders["catalog_artifact"] = build_catalog_artifact(settings.artifact)
+    folders["ranker"] = build_ranker(settings)
+    return folders
 
 
-def built_artifacts(profile: str, model: str = ""):
+def built_artifacts(profile: str, model: str = "", encoder: str = "int8"):
     """The stage folders of a profile as render needs them, failing if any is not built."""
     from model_repository.render import Artifacts
 
-    settings = profile_settings(profile, model)
+    settings = profile_settings(profile, model, encoder)
+    art = settings.artifact
     folders = {
-        "encoder": stage_dir("01-encoder-fp32", settings.artifact.encoder),
-        "catalog_artifact": stage_dir("03-catalog-artifact", settings.artifact),
-        "ranker": stage_dir("04-ranker-fp32", settings),
+        "encoder": (stage_dir(export_stage.STAGE, art.encoder) if art.compression is None
+                    else stage_dir(compress_encoder.STAGE, art.compression)),
+        "catalog_artifact": stage_dir(catalog_artifact.STAGE, art),
+        "ranker": stage_dir(train_ranker.STAGE, settings),
     }
     for name, folder in folders.items():
         if not is_complete(folder):
@@ -64,8 +76,26 @@ def built_artifacts(profile: str, model: str = ""):
     return artifacts, read_embedding_dim(folders["encoder"])
 
 
+def encoder_report(profile: str, markdown: Path | None = None, model: str = "", rounds: int = 3,
+                   force: bool = False) -> dict:
+    """Measure FP32 vs compressed encoders (cached beside the build unless `force`)."""
+    from conversion.encoder_report import build_report, write_report
+
+    settings = profile_settings(profile, model)
+    compression = settings.artifact.compression
+    fp32, compressed = export_encoder(settings.artifact.encoder), served_encoder(settings.artifact)
+    json_path = build_root() / "reports" / f"encoder-compression-{compressed.name}.json"
+    if json_path.is_file() and not force:
+        report = json.loads(json_path.read_text())
+    else:
+        report = build_report(fp32, compressed, compression.prune.catalog, rounds=rounds)
+    command = f"make models PROFILE={profile}" if profile != "default" else "make models"
+    write_report(report, json_path, markdown, command)
+    return report
+
+
 def report(folders: dict[str, Path]) -> dict:
-    export = json.loads((folders["encoder"] / REPORT_JSON).read_text())
+    export = json.loads((folders["encoder_fp32"] / REPORT_JSON).read_text())
     metrics = json.loads((folders["ranker"] / METRICS_JSON).read_text())
     return {
         "encoder_export_min_cosine": export["fidelity"]["min_cosine"],
@@ -82,14 +112,22 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m conversion.build_models", description=__doc__.splitlines()[0])
     p.add_argument("--profile", choices=sorted(PROFILES), default="default")
     p.add_argument("--model", default="", help="HF BERT-family folder (default: bundled all-MiniLM-L6-v2)")
+    p.add_argument("--encoder", choices=ENCODERS, default="int8",
+                   help="served encoder: pruned + INT8 (default) or the FP32 export")
+    p.add_argument("--report-markdown", type=Path,
+                   help="measure the encoder compression report and write its markdown table here")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        folders = build(profile_settings(args.profile, args.model))
-    except (ExportFidelityError, UnsupportedModelError, FileNotFoundError) as e:
+        settings = profile_settings(args.profile, args.model, args.encoder)
+        folders = build(settings)
+        out = report(folders)
+        if args.report_markdown and settings.artifact.compression is not None:
+            out["encoder_compression"] = encoder_report(args.profile, args.report_markdown, args.model)["targets"]
+    except (ExportFidelityError, UnsupportedModelError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps(report(folders), indent=2))
+    print(json.dumps(out, indent=2))
     return 0
 
 

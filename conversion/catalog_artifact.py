@@ -1,12 +1,13 @@
 """Stage 03: the catalog artifact that the feature-lookup model serves from.
 
 Item titles are encoded with exactly the served tokenizer and ONNX encoder
-(`model_repository.runtime`), so an item's stored embedding equals what `text_embed` returns
-for its title. Tables are written in sorted-id order with a cold-start row 0.
+(`model_repository.runtime`; the compressed encoder unless `compression` is None), so an item's
+stored embedding equals what `text_embed` returns for its title. Tables are written in sorted-id order with a cold-start row 0.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from dataclasses import dataclass, field
@@ -16,20 +17,49 @@ import numpy as np
 
 from conversion import stages
 from conversion.catalog_generator import Catalog, CatalogSettings, build_catalog
+from conversion.compress_encoder import CompressSettings, build_compressed_encoder
 from conversion.export_encoder import ENCODER_ONNX, TOKENIZER_JSON, EncoderExportSettings, export_encoder
+from conversion.prune_encoder import PruneSettings
 from model_repository import spec
 from model_repository.runtime import BucketTokenizer, CatalogTables, encode_texts, ort_session, user_bucket
 
 log = logging.getLogger(__name__)
+
+STAGE = "05-catalog-artifact"
 
 
 @dataclass(frozen=True)
 class CatalogArtifactSettings:
     encoder: EncoderExportSettings = field(default_factory=EncoderExportSettings)
     catalog: CatalogSettings = field(default_factory=CatalogSettings)
+    # The served encoder: pruned + INT8 by default; None serves (and encodes with) the FP32 export.
+    compression: CompressSettings | None = field(default_factory=CompressSettings)
     batch_size: int = 64
     # Bumped when the artifact's contents change for the same inputs (v2: user bucket hash).
     format_version: int = 2
+
+    def __post_init__(self):
+        # The teacher and the distillation text must be the ones this artifact names, or the hash
+        # would describe one model while the folder holds another.
+        if self.compression is not None and (self.compression.prune.teacher != self.encoder
+                                             or self.compression.prune.catalog != self.catalog):
+            raise ValueError("compression settings must use the same encoder and catalog as the artifact")
+
+    @classmethod
+    def compose(cls, encoder: EncoderExportSettings = EncoderExportSettings(),
+                catalog: CatalogSettings = CatalogSettings(), prune: PruneSettings | None = PruneSettings(),
+                **compress) -> "CatalogArtifactSettings":
+        """Settings whose nested copies of encoder and catalog agree; prune=None serves FP32."""
+        compression = None if prune is None else CompressSettings(
+            prune=dataclasses.replace(prune, teacher=encoder, catalog=catalog), **compress)
+        return cls(encoder=encoder, catalog=catalog, compression=compression)
+
+
+def served_encoder(settings: CatalogArtifactSettings) -> Path:
+    """The encoder folder this artifact is encoded with and served beside (built if needed)."""
+    if settings.compression is None:
+        return export_encoder(settings.encoder)
+    return build_compressed_encoder(settings.compression)
 
 
 def build_tables(catalog: Catalog, encoder_dir: Path, batch_size: int = 64, threads: int = 2,
@@ -55,11 +85,11 @@ def build_tables(catalog: Catalog, encoder_dir: Path, batch_size: int = 64, thre
 
 
 def build_catalog_artifact(settings: CatalogArtifactSettings, force: bool = False) -> Path:
-    folder = stages.stage_dir("03-catalog-artifact", settings)
+    folder = stages.stage_dir(STAGE, settings)
     if stages.is_complete(folder) and not force:
         log.info("catalog artifact up to date: %s", folder)
         return folder
-    encoder_dir = export_encoder(settings.encoder)
+    encoder_dir = served_encoder(settings)
     catalog = Catalog.load(build_catalog(settings.catalog))
     tables, titles = build_tables(catalog, encoder_dir, settings.batch_size)
     with stages.atomic_stage(folder, settings) as tmp:

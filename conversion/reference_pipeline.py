@@ -1,8 +1,10 @@
 """The offline PyTorch pipeline that `search_rank` must reproduce.
 
-Deliberately independent of the serving code path: the PyTorch encoder on the unpadded
-tokenizer output (no buckets), features looked up through plain dicts built from the catalog
-artifact, and the PyTorch ranker. Tests compare the served ranking with this.
+Deliberately independent of the serving code path: the encoder on the unpadded tokenizer
+output (no buckets; PyTorch for an FP32 export, plain ONNX Runtime on the same file for a
+quantized one, since INT8 kernels only exist there), features looked up through plain dicts
+built from the catalog artifact, and the PyTorch ranker. Tests compare the served ranking
+with this.
 """
 from __future__ import annotations
 
@@ -13,15 +15,25 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from conversion.export_encoder import REPORT_JSON, load_torch_encoder
+from conversion.export_encoder import ENCODER_ONNX, REPORT_JSON, TOKENIZER_JSON, load_torch_encoder
 from conversion.train_ranker import load_ranker
 from model_repository.runtime import CatalogTables
 
 
 class ReferencePipeline:
     def __init__(self, encoder_dir: Path, catalog_dir: Path, ranker_dir: Path):
-        source = json.loads((Path(encoder_dir) / REPORT_JSON).read_text())["source_model"]
-        self.encoder, self.tokenizer = load_torch_encoder(source)
+        report = json.loads((Path(encoder_dir) / REPORT_JSON).read_text())
+        if "int8" in report:  # the compressed encoder folder
+            import onnxruntime as ort
+            import tokenizers
+
+            self.session = ort.InferenceSession(str(Path(encoder_dir) / ENCODER_ONNX),
+                                                providers=["CPUExecutionProvider"])
+            self.tokenizer = tokenizers.Tokenizer.from_file(str(Path(encoder_dir) / TOKENIZER_JSON))
+            self.tokenizer.no_padding()
+            self.encoder = None
+        else:
+            self.encoder, self.tokenizer = load_torch_encoder(report["source_model"])
         self.ranker = load_ranker(Path(ranker_dir))
         tables = CatalogTables.load(catalog_dir, mmap=False)
         self.items = {int(i): (tables.item_embeddings[r + 1], tables.item_features[r + 1])
@@ -34,6 +46,9 @@ class ReferencePipeline:
     def embed(self, text: str) -> np.ndarray:
         enc = self.tokenizer.encode(text)
         ids = torch.tensor([enc.ids], dtype=torch.int64)
+        if self.encoder is None:
+            feeds = dict(zip((i.name for i in self.session.get_inputs()), (ids.numpy(), np.ones_like(ids.numpy()))))
+            return self.session.run(None, feeds)[0][0]
         return self.encoder(ids, torch.ones_like(ids)).numpy()[0]
 
     @torch.no_grad()

@@ -20,7 +20,7 @@ from torch import nn
 from tqdm import tqdm
 
 from conversion import stages
-from conversion.catalog_artifact import CatalogArtifactSettings, build_catalog_artifact
+from conversion.catalog_artifact import CatalogArtifactSettings, build_catalog_artifact, served_encoder
 from conversion.catalog_generator import CATEGORIES, N_PRICE_BUCKETS, Catalog, build_catalog
 from conversion.export_encoder import ENCODER_ONNX, TOKENIZER_JSON, ExportFidelityError, export_encoder
 from model_repository import spec
@@ -29,6 +29,7 @@ from model_repository.runtime import N_USER_BUCKETS, BucketTokenizer, CatalogTab
 
 log = logging.getLogger(__name__)
 
+STAGE = "06-ranker"
 RANKER_ONNX = runtime.RANKER_FILE
 RANKER_WEIGHTS = "ranker.pt"
 METRICS_JSON = "metrics.json"
@@ -244,13 +245,13 @@ def encode_queries(queries: list[str], encoder_dir: Path) -> np.ndarray:
 
 
 def build_ranker(settings: RankerSettings, force: bool = False) -> Path:
-    folder = stages.stage_dir("04-ranker-fp32", settings)
+    folder = stages.stage_dir(STAGE, settings)
     if stages.is_complete(folder) and not force:
         log.info("ranker up to date: %s", folder)
         return folder
     torch.set_num_threads(2)
     artifact_dir = build_catalog_artifact(settings.artifact)
-    encoder_dir = export_encoder(settings.artifact.encoder)
+    encoder_dir = served_encoder(settings.artifact)  # queries encoded as serving will encode them
     catalog = Catalog.load(build_catalog(settings.artifact.catalog))
     tables = CatalogTables.load(artifact_dir, mmap=False)
     data = join_clicks(catalog, tables, encode_queries(catalog.queries, encoder_dir))

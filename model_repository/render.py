@@ -62,6 +62,25 @@ def model_config(model: spec.Model, extra_parameters: dict[str, str] | None = No
     return cfg
 
 
+TRT_PLAN = "model.plan"
+
+
+def tensorrt_config(model: spec.Model, gpus: int = 1) -> mc.ModelConfig:
+    """The same model contract served from a TensorRT plan on the GPU (GPU nodes only).
+
+    Names, dtypes, dims and batching come from the same spec entry as the CPU model, so the
+    ensemble wiring is identical; only the platform and the instance kind differ.
+    """
+    cfg = model_config(model)
+    cfg.ClearField("backend")
+    cfg.ClearField("parameters")
+    cfg.platform = "tensorrt_plan"
+    cfg.default_model_filename = TRT_PLAN
+    del cfg.instance_group[:]
+    cfg.instance_group.add(kind=mc.ModelInstanceGroup.KIND_GPU, count=gpus)
+    return cfg
+
+
 def ensemble_config(ensemble: spec.Ensemble) -> mc.ModelConfig:
     # Ensembles never batch or queue themselves; their composing models do.
     cfg = mc.ModelConfig(name=ensemble.name, platform="ensemble", max_batch_size=0)
@@ -111,8 +130,20 @@ def model_files(artifacts: Artifacts) -> dict[str, dict[str, Path]]:
 
 def render_cpu_repository(pipeline: spec.PipelineSpec, artifacts: Artifacts, out: Path) -> Path:
     """Write the CPU repository (python-backend models hosting ONNX Runtime) to `out`."""
+    return render_repository(pipeline, artifacts, out)
+
+
+def render_gpu_repository(pipeline: spec.PipelineSpec, artifacts: Artifacts, out: Path, encoder_plan: Path) -> Path:
+    """The GPU node's repository: the query encoder is a TensorRT plan built on that node."""
+    return render_repository(pipeline, artifacts, out, encoder_plan=encoder_plan)
+
+
+def render_repository(pipeline: spec.PipelineSpec, artifacts: Artifacts, out: Path,
+                      encoder_plan: Path | None = None) -> Path:
     out = Path(out)
     files = model_files(artifacts)
+    if encoder_plan is not None:
+        files[spec.QUERY_ENCODER] = {TRT_PLAN: Path(encoder_plan)}
     for sources in files.values():
         for src in sources.values():
             if not src.exists():
@@ -121,19 +152,22 @@ def render_cpu_repository(pipeline: spec.PipelineSpec, artifacts: Artifacts, out
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         for model in pipeline.models:
-            extra = {"text_label": text_label(pipeline)} if model.name == spec.TOKENIZER else None
-            write_config(model_config(model, extra), tmp / model.name)
             version = tmp / model.name / "1"
             version.mkdir(parents=True)
-            (version / "model.py").write_text(
-                f"from model_repository.backends.{model.backend_module} import TritonPythonModel  # noqa: F401\n")
+            if encoder_plan is not None and model.name == spec.QUERY_ENCODER:
+                write_config(tensorrt_config(model), tmp / model.name)
+            else:
+                extra = {"text_label": text_label(pipeline)} if model.name == spec.TOKENIZER else None
+                write_config(model_config(model, extra), tmp / model.name)
+                (version / "model.py").write_text(
+                    f"from model_repository.backends.{model.backend_module} import TritonPythonModel  # noqa: F401\n")
             for name, src in files[model.name].items():
                 _place(src, version / name)
         for ensemble in pipeline.ensembles:
             write_config(ensemble_config(ensemble), tmp / ensemble.name)
             (tmp / ensemble.name / "1").mkdir()
         (tmp / "MANIFEST.json").write_text(json.dumps({
-            "target": "cpu",
+            "target": "cpu" if encoder_plan is None else "gpu",
             "artifacts": {k: str(v) for k, v in vars(artifacts).items()},
             "models": [m.name for m in pipeline.models], "ensembles": [e.name for e in pipeline.ensembles],
         }, indent=2))
@@ -147,22 +181,27 @@ def render_cpu_repository(pipeline: spec.PipelineSpec, artifacts: Artifacts, out
 
 
 def main(argv: list[str] | None = None) -> int:
-    from conversion.build_models import PROFILES, built_artifacts
+    from conversion.build_models import ENCODERS, PROFILES, built_artifacts
     from conversion.stages import build_root
 
     p = argparse.ArgumentParser(prog="python -m model_repository.render", description=__doc__.splitlines()[0])
     p.add_argument("--profile", choices=sorted(PROFILES), default="default",
                    help="which built models to serve (as passed to conversion.build_models)")
     p.add_argument("--model", default="", help="the HF encoder folder the models were built with (default: bundled)")
+    p.add_argument("--encoder", choices=ENCODERS, default="int8",
+                   help="served encoder: pruned + ORT INT8 (default) or the FP32 export")
+    p.add_argument("--encoder-plan", type=Path,
+                   help="GPU rendering: serve the query encoder from this TensorRT plan (built on the node)")
     p.add_argument("--out", type=Path, help="repository folder (default: build/model_repository)")
     p.add_argument("--ort-threads", type=int, default=spec.DEFAULT_ORT_THREADS,
                    help="ONNX Runtime threads per model instance (encoder and ranker)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        artifacts, dim = built_artifacts(args.profile, args.model)
+        artifacts, dim = built_artifacts(args.profile, args.model, args.encoder)
         pipeline = spec.build_spec(dim, ort_threads=args.ort_threads)
-        out = render_cpu_repository(pipeline, artifacts, args.out or build_root() / "model_repository")
+        out = render_repository(pipeline, artifacts, args.out or build_root() / "model_repository",
+                                encoder_plan=args.encoder_plan)
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

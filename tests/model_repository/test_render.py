@@ -214,3 +214,32 @@ def test_render_replaces_existing_output(ci_models, ci_pipeline, tmp_path):
     assert not [p for p in out.rglob("*") if p.is_symlink()]
     assert (out / "ctr_ranker" / "1" / "ranker.onnx").is_file()
     assert (out / "feature_lookup" / "1" / "catalog" / "item_ids.npy").is_file()
+
+
+def test_gpu_rendering_serves_the_encoder_from_a_tensorrt_plan(ci_models, ci_pipeline, ci_repository, tmp_path):
+    from model_repository import spec
+    from model_repository.render import TRT_PLAN, render_gpu_repository
+
+    plan = tmp_path / "encoder.plan"
+    plan.write_bytes(b"not a real engine: only the layout and config are checked here")
+    artifacts = Artifacts(encoder_dir=ci_models["encoder"], catalog_dir=ci_models["catalog_artifact"],
+                          ranker_dir=ci_models["ranker"])
+    repo = render_gpu_repository(ci_pipeline, artifacts, tmp_path / "gpu_repo", encoder_plan=plan)
+    gpu = parse(repo / spec.QUERY_ENCODER / "config.pbtxt")
+    cpu = parse(Path(ci_repository) / spec.QUERY_ENCODER / "config.pbtxt")
+    assert gpu.platform == "tensorrt_plan" and not gpu.backend and gpu.default_model_filename == TRT_PLAN
+    assert [g.kind for g in gpu.instance_group] == [model_config_pb2.ModelInstanceGroup.KIND_GPU]
+    # Same contract as the CPU model: names, dtypes, dims, batching.
+    for kind in ("input", "output"):
+        assert [(t.name, t.data_type, list(t.dims)) for t in getattr(gpu, kind)] == \
+               [(t.name, t.data_type, list(t.dims)) for t in getattr(cpu, kind)]
+    assert gpu.max_batch_size == cpu.max_batch_size and gpu.dynamic_batching == cpu.dynamic_batching
+    model = ci_pipeline.model(spec.QUERY_ENCODER)
+    assert [t.name for t in gpu.input] == [t.name for t in model.inputs]
+    version = repo / spec.QUERY_ENCODER / "1"
+    assert sorted(p.name for p in version.iterdir()) == [TRT_PLAN]
+    assert (version / TRT_PLAN).read_bytes() == plan.read_bytes()
+    # Every other model is rendered exactly as on CPU.
+    for other in (m.name for m in ci_pipeline.models if m.name != spec.QUERY_ENCODER):
+        assert (repo / other / "config.pbtxt").read_text() == (Path(ci_repository) / other / "config.pbtxt").read_text()
+    assert json.loads((repo / "MANIFEST.json").read_text())["target"] == "gpu"

@@ -1,0 +1,662 @@
+"""INT8 for both served models: ONNX Runtime CPU INT8, and TensorRT-oriented QDQ via nvidia-modelopt.
+
+The core functions take an ONNX path and calibration feeds (one dict of input arrays per call)
+and know nothing about the encoder, so a pruned encoder and the CTR ranker go through the same
+code. Each writes its model under a temporary name and renames it into place, with
+`<stem>.quantization.json` (settings + measured facts) beside it. Method choices and numbers:
+docs/quantization.md; `python -m conversion.quantize compare` reproduces them.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import helper, numpy_helper
+from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType
+
+from model_repository import runtime, spec
+
+log = logging.getLogger(__name__)
+
+REPORT_SUFFIX = ".quantization.json"
+CALIBRATION_SUFFIX = ".calibration.npz"
+
+
+class QuantizationError(Exception):
+    """Base class of the errors below."""
+
+
+class ModelFileError(QuantizationError, FileNotFoundError):
+    """The FP32 model to quantize does not exist."""
+
+
+class CalibrationFeedError(QuantizationError, ValueError):
+    """Calibration feeds missing, or not matching the model's inputs (names, dtypes, ranks)."""
+
+
+class QdqStructureError(QuantizationError):
+    """A QDQ model that TensorRT would not run fully in INT8 (weights without DQ, per-tensor scales)."""
+
+
+class ModeloptUnavailableError(QuantizationError, ImportError):
+    """nvidia-modelopt's ONNX quantization path cannot be imported."""
+
+
+_QTYPES = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}
+_ORT_CALIBRATION = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+                    "percentile": CalibrationMethod.Percentile}
+
+
+def _check_choice(field: str, value: str, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"{field}={value!r}; expected one of {sorted(allowed)}")
+
+
+@dataclass(frozen=True)
+class OrtInt8Settings:
+    """ONNX Runtime CPU INT8. Defaults are the measured choice (docs/quantization.md)."""
+
+    mode: str = "dynamic"  # "dynamic": MatMulInteger, activation ranges per call; "static": calibrated QDQ
+    per_channel: bool = True
+    op_types: tuple[str, ...] = ("MatMul",)  # () = every op type ORT knows how to quantize
+    # 7-bit weights. AVX2 without VNNI multiplies u8 x s8 pairs into a saturating int16 (vpmaddubsw), so
+    # full-range weights give wrong outputs on such hosts; the build machine cannot know where it will serve.
+    reduce_range: bool = True
+    weight_type: str = "int8"
+    activation_type: str = "uint8"  # static only; the dynamic path always quantizes activations to uint8
+    calibration_method: str = "minmax"  # static only
+    pre_process: bool = False  # onnxruntime's quant_pre_process (symbolic shapes + graph optimisation) first
+    # static only: QDQ on weighted nodes' inputs only. ORT's QDQ MatMul otherwise also quantizes activation x
+    # activation MatMuls (attention scores) and every MatMul output; dynamic mode does this by default.
+    weighted_only: bool = True
+    # (num_heads, hidden_size): fuse BERT attention with onnxruntime.transformers first, so "Attention"
+    # in op_types becomes QAttention. One head count for the whole graph: not for non-uniformly pruned models.
+    bert_fusion: tuple[int, int] | None = None
+
+    def __post_init__(self):
+        _check_choice("mode", self.mode, {"dynamic", "static"})
+        _check_choice("weight_type", self.weight_type, _QTYPES)
+        _check_choice("activation_type", self.activation_type, _QTYPES)
+        _check_choice("calibration_method", self.calibration_method, _ORT_CALIBRATION)
+
+
+@dataclass(frozen=True)
+class QdqSettings:
+    """nvidia-modelopt INT8 QDQ for TensorRT."""
+
+    calibration_method: str = "max"  # modelopt 0.47 INT8 knows "max" and "entropy" (anything else runs as max)
+    per_channel: bool = True  # modelopt INT8 always quantizes weights per output channel; False is refused
+    op_types: tuple[str, ...] = ("MatMul", "Gemm")  # () = modelopt's own selection of op types
+    n_calibration_samples: int = 512  # rows (texts, candidates) taken from the feeds, in order
+    disable_mha_qdq: bool = False  # keep attention's activation x activation MatMuls (QK^T, PV) in float
+    nodes_to_exclude: tuple[str, ...] = ()  # regexes on node names kept in float (check_qdq_structure exempts them)
+    # fp32 keeps the non-quantized ops as exported; TensorRT still picks fp16 for them with --fp16.
+    high_precision_dtype: str = "fp32"
+
+    def __post_init__(self):
+        _check_choice("calibration_method", self.calibration_method, {"max", "entropy"})
+        _check_choice("high_precision_dtype", self.high_precision_dtype, {"fp32", "fp16", "bf16"})
+        if not self.per_channel:
+            raise ValueError("modelopt INT8 quantizes weights per channel only; per_channel=False is not available")
+        if self.n_calibration_samples < 1:
+            raise ValueError("n_calibration_samples must be >= 1")
+
+
+class FeedReader(CalibrationDataReader):
+    """Replays a list of feeds; modelopt also calls get_first() and rewind()."""
+
+    def __init__(self, feeds: Sequence[dict[str, np.ndarray]]):
+        self.feeds = list(feeds)
+        self.rewind()
+
+    def get_next(self):
+        return next(self._it, None)
+
+    def get_first(self):
+        return self.feeds[0]
+
+    def rewind(self):
+        self._it = iter(self.feeds)
+
+
+# ---- checks and files -----------------------------------------------------------------------
+
+
+def _require_model(path: Path | str) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"FP32 ONNX model not found: {path}")
+    return path
+
+
+def model_inputs(onnx_path: Path) -> dict[str, tuple[np.dtype, int]]:
+    """Graph inputs that a feed must supply: name -> (dtype, rank)."""
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    weights = {i.name for i in graph.initializer}
+    return {i.name: (np.dtype(helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type)),
+                     len(i.type.tensor_type.shape.dim)) for i in graph.input if i.name not in weights}
+
+
+def validate_feeds(onnx_path: Path, feeds: Sequence[dict[str, np.ndarray]] | None) -> None:
+    if not feeds:
+        raise CalibrationFeedError(f"no calibration feeds given for {onnx_path.name}")
+    expected = model_inputs(onnx_path)
+    for k, feed in enumerate(feeds):
+        if set(feed) != set(expected):
+            raise CalibrationFeedError(
+                f"calibration feed {k} has tensors {sorted(feed)} but {onnx_path.name} takes {sorted(expected)} "
+                f"(missing {sorted(set(expected) - set(feed))}, unexpected {sorted(set(feed) - set(expected))})")
+        for name, (dtype, rank) in expected.items():
+            a = feed[name]
+            if not isinstance(a, np.ndarray) or a.dtype != dtype or a.ndim != rank:
+                got = f"{a.dtype} {list(a.shape)}" if isinstance(a, np.ndarray) else type(a).__name__
+                raise CalibrationFeedError(f"calibration feed {k}: {name} is {got}; "
+                                           f"{onnx_path.name} takes {dtype} of rank {rank}")
+
+
+def _take_rows(feeds: Sequence[dict[str, np.ndarray]], n_rows: int) -> list[dict[str, np.ndarray]]:
+    out, total = [], 0
+    for feed in feeds:
+        if total >= n_rows:
+            break
+        keep = n_rows - total
+        out.append({k: v[:keep] for k, v in feed.items()})
+        total += len(next(iter(out[-1].values())))
+    return out
+
+
+def report_path(onnx_path: Path | str) -> Path:
+    return Path(onnx_path).with_suffix(REPORT_SUFFIX)
+
+
+def _save_report(out_onnx: Path, report: dict) -> dict:
+    """Write <stem>.quantization.json; returns it as read back, so callers see exactly what is on disk."""
+    text = json.dumps(report, indent=2)
+    _write_atomic(report_path(out_onnx), lambda p: p.write_text(text))
+    return json.loads(text)
+
+
+def _write_atomic(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def _scratch(out_onnx: Path) -> tempfile.TemporaryDirectory:
+    # Beside the output, so the final os.replace is a rename on one filesystem.
+    out_onnx.parent.mkdir(parents=True, exist_ok=True)
+    return tempfile.TemporaryDirectory(prefix=f".{out_onnx.stem}.tmp-", dir=out_onnx.parent)
+
+
+def output_diff(reference: Path, candidate: Path, feeds: Sequence[dict[str, np.ndarray]]) -> dict:
+    """Per output: max/mean absolute difference, and mean row cosine for [rows, d>1] outputs."""
+    ref, cand = runtime.ort_session(reference), runtime.ort_session(candidate)
+    names = [o.name for o in ref.get_outputs()]
+    pairs = [(ref.run(names, f), cand.run(names, f)) for f in feeds]
+    out = {}
+    for j, name in enumerate(names):
+        a = np.concatenate([p[0][j].reshape(len(p[0][j]), -1) for p in pairs]).astype(np.float64)
+        b = np.concatenate([p[1][j].reshape(len(p[1][j]), -1) for p in pairs]).astype(np.float64)
+        out[name] = {"max_abs_diff": float(np.abs(a - b).max()), "mean_abs_diff": float(np.abs(a - b).mean())}
+        if a.shape[1] > 1:
+            cos = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
+            out[name].update(mean_cosine=float(cos.mean()), min_cosine=float(cos.min()))
+    return out
+
+
+def _facts(fp32: Path, out: Path, started: float, feeds) -> dict:
+    ops = Counter(n.op_type for n in onnx.load(str(out)).graph.node)
+    facts = {"source": str(fp32), "source_bytes": fp32.stat().st_size, "output_bytes": out.stat().st_size,
+             "seconds": round(time.perf_counter() - started, 1), "op_counts": dict(sorted(ops.items())),
+             "versions": {"onnxruntime": ort.__version__, "onnx": onnx.__version__}}
+    if feeds:
+        facts["calibration"] = {"feeds": len(feeds), "rows": sum(len(next(iter(f.values()))) for f in feeds)}
+        # A quick sanity number on (at most 4) calibration feeds; held-out fidelity is the caller's job.
+        facts["diff_on_calibration_feeds"] = output_diff(fp32, out, feeds[:4])
+    return facts
+
+
+# ---- ONNX Runtime INT8 ------------------------------------------------------------------------
+
+
+def _weighted_nodes(onnx_path: Path, op_types: Sequence[str]) -> list[str]:
+    """Names of op_types nodes (any type for ()) with a float initializer among their first two inputs."""
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    floats = {t.name for t in graph.initializer if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)}
+    return [n.name for n in graph.node if (not op_types or n.op_type in op_types) and floats & set(n.input[:2])]
+
+
+def _prepare_source(fp32: Path, tmp: Path, settings: OrtInt8Settings, notes: dict) -> Path:
+    src = fp32
+    if settings.bert_fusion:
+        from onnxruntime.transformers.optimizer import optimize_model
+
+        heads, hidden = settings.bert_fusion
+        # opt_level=0: only the python fusions, no CPU-specific ops baked into the file.
+        optimize_model(str(src), model_type="bert", num_heads=heads, hidden_size=hidden,
+                       opt_level=0).save_model_to_file(str(tmp / "fused.onnx"))
+        src = tmp / "fused.onnx"
+    if settings.pre_process:
+        from onnxruntime.quantization.shape_inference import quant_pre_process
+
+        src_abs, out = str(Path(src).resolve()), str((tmp / "preprocessed.onnx").resolve())
+        # In tmp: when symbolic inference gives up it dumps the model (90 MB for the encoder) into the cwd.
+        with contextlib.chdir(tmp):
+            try:
+                quant_pre_process(src_abs, out)
+                notes["pre_process"] = "symbolic shape inference + ORT optimisation"
+            except Exception as e:  # symbolic inference gives up on some exported graphs (HF BERT's mask ops)
+                log.warning("quant_pre_process: %s; retrying without symbolic shape inference", e)
+                quant_pre_process(src_abs, out, skip_symbolic_shape=True)
+                notes["pre_process"] = f"ONNX shape inference + ORT optimisation (symbolic failed: {e})"
+        src = Path(out)
+    return src
+
+
+def quantize_ort_int8(fp32_onnx: Path, out_onnx: Path, settings: OrtInt8Settings = OrtInt8Settings(),
+                      calibration_feeds: list[dict[str, np.ndarray]] | None = None) -> dict:
+    """FP32 ONNX -> ONNX Runtime INT8 model at out_onnx (+ report JSON); returns the report."""
+    from onnxruntime.quantization import quantize_dynamic, quantize_static
+
+    fp32, out_onnx = _require_model(fp32_onnx), Path(out_onnx)
+    if settings.mode == "static" or calibration_feeds:
+        validate_feeds(fp32, calibration_feeds)
+    started = time.perf_counter()
+    with _scratch(out_onnx) as tmp:
+        tmp_out = Path(tmp) / out_onnx.name
+        notes: dict = {}
+        src = _prepare_source(fp32, Path(tmp), settings, notes)
+        common = dict(op_types_to_quantize=list(settings.op_types) or None, per_channel=settings.per_channel,
+                      reduce_range=settings.reduce_range, weight_type=_QTYPES[settings.weight_type])
+        if settings.mode == "dynamic":
+            # The type hint matters after BERT fusion: shape inference gives no types past com.microsoft ops.
+            quantize_dynamic(src, tmp_out, extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT}, **common)
+        else:
+            weighted = dict(nodes_to_quantize=_weighted_nodes(src, settings.op_types),
+                            extra_options={"OpTypesToExcludeOutputQuantization": list(settings.op_types)})
+            quantize_static(src, tmp_out, FeedReader(calibration_feeds), quant_format=QuantFormat.QDQ,
+                            activation_type=_QTYPES[settings.activation_type],
+                            calibrate_method=_ORT_CALIBRATION[settings.calibration_method],
+                            **(weighted if settings.weighted_only else {}), **common)
+        report = {"tool": "onnxruntime.quantization", "settings": dataclasses.asdict(settings), **notes,
+                  **_facts(fp32, tmp_out, started, calibration_feeds)}
+        os.replace(tmp_out, out_onnx)
+    report = _save_report(out_onnx, report)
+    log.info("ORT INT8 (%s) -> %s in %.0f s", settings.mode, out_onnx, report["seconds"])
+    return report
+
+
+# ---- TensorRT-oriented QDQ (nvidia-modelopt) -------------------------------------------------------
+
+
+def save_calibration(path: Path, feeds: Sequence[dict[str, np.ndarray]]) -> None:
+    """Feeds as one .npz: key '<feed index>.<tensor name>' (feeds differ in shape, so no stacking)."""
+    arrays = {f"{k:04d}.{name}": a for k, feed in enumerate(feeds) for name, a in feed.items()}
+    _write_atomic(path, lambda p: np.savez(open(p, "wb"), **arrays))
+
+
+def load_calibration(path: Path) -> list[dict[str, np.ndarray]]:
+    feeds: dict[int, dict[str, np.ndarray]] = {}
+    with np.load(path) as z:
+        for key in z.files:
+            k, name = key.split(".", 1)
+            feeds.setdefault(int(k), {})[name] = z[key]
+    return [feeds[k] for k in sorted(feeds)]
+
+
+def quantize_qdq_modelopt(fp32_onnx: Path, out_onnx: Path, calibration_feeds: list[dict[str, np.ndarray]],
+                          settings: QdqSettings = QdqSettings()) -> dict:
+    """FP32 ONNX -> INT8 QDQ ONNX for TensorRT, calibrated on the feeds (saved beside it); returns the report."""
+    fp32, out_onnx = _require_model(fp32_onnx), Path(out_onnx)
+    validate_feeds(fp32, calibration_feeds)
+    feeds = _take_rows(calibration_feeds, settings.n_calibration_samples)
+    try:
+        import modelopt
+        from modelopt.onnx.quantization import quantize as modelopt_quantize
+    except ImportError as e:
+        raise ModeloptUnavailableError(
+            f"nvidia-modelopt's ONNX quantization cannot be imported ({e}); install the `models` extra "
+            "(pyproject.toml lists the ONNX dependencies it needs)") from e
+    started = time.perf_counter()
+    with _scratch(out_onnx) as tmp:
+        # A copy, never a link: modelopt rewrites its input file in place while preprocessing.
+        src, tmp_out = Path(tmp) / "fp32.onnx", Path(tmp) / out_onnx.name
+        shutil.copyfile(fp32, src)
+        modelopt_quantize(onnx_path=str(src), quantize_mode="int8", calibration_data_reader=FeedReader(feeds),
+                          calibration_method=settings.calibration_method, calibration_eps=["cpu"],
+                          op_types_to_quantize=list(settings.op_types) or None, output_path=str(tmp_out),
+                          high_precision_dtype=settings.high_precision_dtype,
+                          disable_mha_qdq=settings.disable_mha_qdq, nodes_to_exclude=list(settings.nodes_to_exclude),
+                          log_level="WARNING")
+        structure = check_qdq_structure(tmp_out, exempt=settings.nodes_to_exclude)
+        report = {"tool": f"nvidia-modelopt {modelopt.__version__}", "settings": dataclasses.asdict(settings),
+                  **_facts(fp32, tmp_out, started, feeds), "structure": structure}
+        os.replace(tmp_out, out_onnx)
+    save_calibration(out_onnx.with_suffix(CALIBRATION_SUFFIX), feeds)
+    report = _save_report(out_onnx, report)
+    log.info("modelopt INT8 QDQ -> %s in %.0f s", out_onnx, report["seconds"])
+    return report
+
+
+def check_qdq_structure(onnx_path: Path, op_types: Sequence[str] = ("MatMul", "Gemm"), min_gemm_dim: int = 16,
+                        exempt: Sequence[str] = ()) -> dict:
+    """Every op_types node with a weight input reads both inputs through DequantizeLinear, and the weight's
+    scale is per output channel (length == channels, axis on the channel dim). Raises QdqStructureError.
+
+    Weights with a dimension below min_gemm_dim are exempt: modelopt leaves them unquantized on purpose
+    (TensorRT's INT8 GEMMs need K, N >= 16; a ranker's 1-wide output layer is one), as are nodes whose
+    name matches a regex in `exempt` (kept in float on purpose)."""
+    graph = onnx.load(str(onnx_path)).graph
+    consts = {t.name: t for t in graph.initializer}
+    consts.update({n.output[0]: n.attribute[0].t for n in graph.node if n.op_type == "Constant" and n.attribute})
+    producer = {o: n for n in graph.node for o in n.output}
+
+    def weight_of(name: str):  # the constant behind (Q ->) DQ, or None for an activation
+        while name not in consts:
+            node = producer.get(name)
+            if node is None or node.op_type not in ("DequantizeLinear", "QuantizeLinear", "Cast"):
+                return None
+            name = node.input[0]
+        return consts[name]
+
+    problems, n_weighted, n_activation, n_exempt = [], 0, 0, 0
+    for node in (n for n in graph.node if n.op_type in op_types):
+        weights = [(i, weight_of(x)) for i, x in enumerate(node.input[:2])]
+        weights = [(i, w) for i, w in weights if w is not None]
+        if not weights:
+            n_activation += 1
+            continue
+        if any(min(w.dims[-2:], default=0) < min_gemm_dim for _, w in weights) or \
+                any(re.fullmatch(x, node.name) for x in exempt):
+            n_exempt += 1
+            continue
+        n_weighted += 1
+        for i, x in enumerate(node.input[:2]):
+            if getattr(producer.get(x), "op_type", None) != "DequantizeLinear":
+                problems.append(f"{node.name}: input {i} ({x}) is not produced by DequantizeLinear")
+        for i, w in weights:
+            dq = producer.get(node.input[i])
+            if getattr(dq, "op_type", None) != "DequantizeLinear":
+                continue
+            rank = len(w.dims)
+            trans_b = any(a.name == "transB" and a.i for a in node.attribute)
+            # MatMul weight [.., K, N] (as B) or [.., M, K] (as A); Gemm B is [K, N], or [N, K] with transB.
+            want = 0 if (node.op_type == "Gemm" and trans_b) else (rank - 1 if i == 1 else rank - 2)
+            scale = numpy_helper.to_array(consts[dq.input[1]]) if dq.input[1] in consts else None
+            axis = next((a.i for a in dq.attribute if a.name == "axis"), 1) % max(rank, 1)
+            if scale is None:
+                problems.append(f"{node.name}: weight scale {dq.input[1]} is not a constant")
+            elif scale.size == 1:
+                problems.append(f"{node.name}: weight {w.name} has a per-tensor scale")
+            elif scale.size != w.dims[want] or axis != want:
+                problems.append(f"{node.name}: weight {w.name} {list(w.dims)} has {scale.size} scales on axis "
+                                f"{axis}; expected {w.dims[want]} on axis {want}")
+    if n_weighted == 0:
+        problems.append(f"no {'/'.join(op_types)} node with a weight input")
+    if problems:
+        raise QdqStructureError(f"{Path(onnx_path).name}: {len(problems)} QDQ problem(s): " + "; ".join(problems[:8]))
+    ops = Counter(n.op_type for n in graph.node)
+    return {"weighted_nodes_per_channel": n_weighted, "activation_only_nodes": n_activation, "exempt": n_exempt,
+            "quantize_linear": ops["QuantizeLinear"], "dequantize_linear": ops["DequantizeLinear"]}
+
+
+# ---- encoder helpers -----------------------------------------------------------------------------
+
+
+def encoder_calibration_feeds(tokenizer_json: Path, texts: list[str], batch_size: int = 32) -> list[dict]:
+    """Feeds as serving builds them: each text padded to its sequence bucket, batches of one bucket."""
+    if not texts:
+        raise CalibrationFeedError("no calibration texts")
+    tok = runtime.BucketTokenizer(tokenizer_json)
+    by_bucket: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
+    for text in texts:
+        ids, mask = tok.encode([text])
+        by_bucket.setdefault(ids.shape[1], []).append((ids[0], mask[0]))
+    feeds = []
+    for width in sorted(by_bucket):
+        rows = by_bucket[width]
+        for s in range(0, len(rows), batch_size):
+            chunk = rows[s:s + batch_size]
+            feeds.append({spec.INPUT_IDS.name: np.stack([r[0] for r in chunk]),
+                          spec.ATTENTION_MASK.name: np.stack([r[1] for r in chunk])})
+    return feeds
+
+
+# ---- measurement CLI (encoder) -----------------------------------------------------------------------
+
+# HF BERT exports name the FFN up-projection like this; its input (the attention LayerNorm output) carries
+# the outlier channels that a static per-tensor activation scale cannot cover (docs/quantization.md).
+BERT_FFN_IN = r".*/intermediate/dense/MatMul"
+
+
+def _ort(mode: str, op_types=("MatMul",), per_channel=True, reduce_range=False, **kw) -> OrtInt8Settings:
+    # Every measured variant spells out the main knobs, so changing the defaults cannot relabel a row.
+    return OrtInt8Settings(mode=mode, op_types=op_types, per_channel=per_channel, reduce_range=reduce_range,
+                           weight_type=kw.pop("weight_type", "int8"), **kw)
+
+
+ORT_VARIANTS: dict[str, OrtInt8Settings] = {
+    "dynamic MatMul per-channel": _ort("dynamic"),
+    "dynamic MatMul per-channel reduce-range": _ort("dynamic", reduce_range=True),
+    "dynamic MatMul per-tensor": _ort("dynamic", per_channel=False),
+    "dynamic MatMul per-tensor reduce-range": _ort("dynamic", per_channel=False, reduce_range=True),
+    "dynamic MatMul per-channel u8 weights": _ort("dynamic", weight_type="uint8"),
+    "dynamic MatMul per-channel pre-process": _ort("dynamic", pre_process=True),
+    "dynamic MatMul+Gather per-channel": _ort("dynamic", ("MatMul", "Gather")),
+    "dynamic MatMul+Gather per-channel reduce-range": _ort("dynamic", ("MatMul", "Gather"), reduce_range=True),
+    "dynamic all ops per-channel": _ort("dynamic", ()),
+    "static QDQ MatMul per-channel": _ort("static"),
+    "static QDQ MatMul per-channel reduce-range": _ort("static", reduce_range=True),
+    "static QDQ MatMul per-tensor reduce-range": _ort("static", per_channel=False, reduce_range=True),
+    "static QDQ MatMul per-channel u8 weights": _ort("static", weight_type="uint8"),
+    "static QDQ MatMul per-channel reduce-range percentile": _ort("static", reduce_range=True,
+                                                                  calibration_method="percentile"),
+    "static QDQ all MatMul inputs+outputs per-channel reduce-range": _ort("static", reduce_range=True,
+                                                                         weighted_only=False),
+}
+MODELOPT_VARIANTS: dict[str, QdqSettings] = {
+    "modelopt QDQ max": QdqSettings(),
+    "modelopt QDQ entropy": QdqSettings(calibration_method="entropy"),
+    "modelopt QDQ max FFN-in-float": QdqSettings(nodes_to_exclude=(BERT_FFN_IN,)),
+}
+
+
+def split_texts(catalog_dir: Path, n_calibration: int, n_eval: int, seed: int = 0) -> tuple[list[str], list[str]]:
+    """Disjoint calibration and held-out texts, half product titles and half search queries each."""
+    from conversion.catalog_generator import Catalog
+
+    catalog = Catalog.load(Path(catalog_dir))
+    rng = np.random.default_rng(seed)
+    cal, held_out = [], []
+    for pool in (list(dict.fromkeys(catalog.titles)), list(dict.fromkeys(catalog.queries))):
+        order = rng.permutation(len(pool))
+        cal += [pool[i] for i in order[: n_calibration // 2]]
+        held_out += [pool[i] for i in order[n_calibration // 2: n_calibration // 2 + n_eval // 2]]
+    return cal, held_out
+
+
+def fidelity(reference: np.ndarray, emb: np.ndarray) -> dict:
+    """Row cosine to the FP32 embeddings and top-10 neighbour overlap within the held-out set."""
+    cos = (emb * reference).sum(1) / (np.linalg.norm(emb, axis=1) * np.linalg.norm(reference, axis=1))
+    top = lambda e: np.argsort(-(e @ e.T - 2 * np.eye(len(e))), axis=1)[:, :10]  # noqa: E731 (self excluded)
+    overlap = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(top(reference), top(emb))])
+    return {"mean_cos": round(float(cos.mean()), 4), "min_cos": round(float(cos.min()), 4),
+            "top10_overlap": round(float(overlap), 3)}
+
+
+def time_encoders(paths: dict[str, Path], tokenizer_json: Path, texts: list[str], threads: int, runs: int,
+                  rounds: int = 5) -> dict[str, dict]:
+    """Median latency at batch 1 x seq 16 and throughput at batch 32 x seq 32 for each model.
+
+    Models take turns in `rounds` rounds, so load from other processes on a shared machine spreads
+    over all of them instead of penalising whichever ran during a busy minute.
+    """
+    from tqdm import tqdm
+
+    def fixed(batch: list[str], width: int) -> dict:
+        ids, mask = runtime.BucketTokenizer(tokenizer_json, buckets=(width,)).encode(batch)
+        return {spec.INPUT_IDS.name: ids, spec.ATTENTION_MASK.name: mask}
+
+    one, batch = fixed(texts[-1:], 16), fixed(texts[:32], 32)  # a query; 32 product titles
+    sessions = {name: runtime.ort_session(p, threads) for name, p in paths.items()}
+    times: dict[str, tuple[list, list]] = {name: ([], []) for name in paths}
+    for _ in tqdm(range(rounds), desc="timing rounds", mininterval=1.0):
+        for name, session in sessions.items():
+            out = [session.get_outputs()[0].name]
+            for feed, n, sink in ((one, max(runs // rounds, 1), times[name][0]),
+                                  (batch, max(runs // 10 // rounds, 2), times[name][1])):
+                session.run(out, feed)  # warm this shape again after the other models ran
+                for _ in range(n):
+                    t = time.perf_counter()
+                    session.run(out, feed)
+                    sink.append(time.perf_counter() - t)
+    return {name: {"b1_s16_ms": round(1e3 * float(np.median(t1)), 2),
+                   "b32_s32_texts_s": round(32 / float(np.median(t32)), 1)} for name, (t1, t32) in times.items()}
+
+
+def _mb(path: Path) -> float:
+    return round(Path(path).stat().st_size / 2**20, 1)
+
+
+def _table(rows: list[dict]) -> str:
+    cols = ["variant", "mb", "b1_s16_ms", "b32_s32_texts_s", "mean_cos", "min_cos", "top10_overlap", "quantize_s"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _variants(args) -> dict:
+    variants: dict = dict(ORT_VARIANTS)
+    if args.bert_fusion:
+        fusion = tuple(int(x) for x in args.bert_fusion.split(","))
+        for rr in (False, True):
+            suffix = " reduce-range" if rr else ""
+            variants["dynamic fused-BERT MatMul per-channel" + suffix] = _ort(
+                "dynamic", bert_fusion=fusion, reduce_range=rr)
+            variants["dynamic fused-BERT MatMul+Attention per-channel" + suffix] = _ort(
+                "dynamic", ("MatMul", "Attention"), bert_fusion=fusion, reduce_range=rr)
+    if args.modelopt:
+        variants.update(MODELOPT_VARIANTS)
+    if args.variants:
+        variants = {k: v for k, v in variants.items() if any(s.strip() == k for s in args.variants.split(","))}
+    return variants
+
+
+def compare(args) -> list[dict]:
+    from tqdm import tqdm
+
+    cal_texts, held_out = split_texts(args.catalog, args.n_calibration, args.n_eval, args.seed)
+    feeds = encoder_calibration_feeds(args.tokenizer, cal_texts)
+    tok = runtime.BucketTokenizer(args.tokenizer)
+    embed = lambda path: runtime.encode_texts(tok, runtime.ort_session(path, args.threads), held_out, 32)  # noqa: E731
+    reference = embed(args.onnx)
+    rows = {"fp32": {"variant": "fp32", "mb": _mb(args.onnx), **fidelity(reference, reference)}}
+    paths = {"fp32": args.onnx}
+    with tempfile.TemporaryDirectory(prefix="quantize-compare-") as work:
+        for name, settings in tqdm(_variants(args).items(), desc="quantizing", mininterval=1.0):
+            out = Path(work) / name.replace(" ", "_").replace("/", "-") / runtime.ENCODER_FILE
+            try:
+                if isinstance(settings, QdqSettings):
+                    report = quantize_qdq_modelopt(args.onnx, out, feeds, settings)
+                else:
+                    report = quantize_ort_int8(args.onnx, out, settings, feeds)
+            except Exception as e:  # one failing variant is a row of the table, not the end of the run
+                log.exception("variant %r failed", name)
+                rows[name] = {"variant": name, "error": f"{type(e).__name__}: {e}"[:300]}
+                continue
+            label = name + (" (default)" if settings == OrtInt8Settings() else "")
+            rows[name] = {"variant": label, "mb": _mb(out), **fidelity(reference, embed(out)),
+                          "quantize_s": report["seconds"], "settings": dataclasses.asdict(settings)}
+            paths[name] = out
+        for name, timing in time_encoders(paths, args.tokenizer, held_out, args.threads, args.runs).items():
+            rows[name].update(timing)
+    print(_table(list(rows.values())))
+    if args.out_json:
+        meta = {"calibration_texts": len(cal_texts), "held_out_texts": len(held_out), "threads": args.threads,
+                "runs": args.runs, "onnx": str(args.onnx), "catalog": str(args.catalog),
+                "versions": {"onnxruntime": ort.__version__, "onnx": onnx.__version__}}
+        Path(args.out_json).write_text(json.dumps({"meta": meta, "rows": list(rows.values())}, indent=2))
+    return list(rows.values())
+
+
+def build_qdq(args) -> dict:
+    """The TensorRT QDQ encoder with its calibration set beside it, checked on ORT CPU."""
+    cal_texts, held_out = split_texts(args.catalog, args.n_calibration, args.n_eval, args.seed)
+    out = Path(args.out) / runtime.ENCODER_FILE
+    settings = QdqSettings(calibration_method=args.calibration_method, n_calibration_samples=len(cal_texts),
+                           nodes_to_exclude=tuple(args.exclude))
+    report = quantize_qdq_modelopt(args.onnx, out, encoder_calibration_feeds(args.tokenizer, cal_texts), settings)
+    _write_atomic(out.parent / "calibration_texts.json", lambda p: p.write_text(json.dumps(cal_texts, indent=1)))
+    tok = runtime.BucketTokenizer(args.tokenizer)
+    reference, emb = (runtime.encode_texts(tok, runtime.ort_session(p, args.threads), held_out, 32)
+                      for p in (args.onnx, out))
+    timing = time_encoders({"fp32": args.onnx, "qdq": out}, args.tokenizer, held_out, args.threads, args.runs)
+    label = f"modelopt QDQ {args.calibration_method}" + "".join(f" {x}-float" for x in args.exclude)
+    row = {"variant": label, "mb": _mb(out), **fidelity(reference, emb), **timing["qdq"]}
+    report["evaluation"] = {"held_out_texts": len(held_out), "fp32": timing["fp32"], "qdq_on_ort_cpu": row}
+    report = _save_report(out, report)
+    print(_table([{"variant": "fp32", **timing["fp32"]}, row]))
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m conversion.quantize", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, help_ in (("compare", "measure the INT8 variants of an encoder"),
+                        ("qdq", "write the modelopt INT8 QDQ encoder for TensorRT")):
+        c = sub.add_parser(name, help=help_)
+        c.add_argument("--onnx", type=Path, required=True)
+        c.add_argument("--tokenizer", type=Path, required=True)
+        c.add_argument("--catalog", type=Path, help="stage-02 catalog folder (default: the ci profile's)")
+        c.add_argument("--n-calibration", type=int, default=512)
+        c.add_argument("--n-eval", type=int, default=500)
+        c.add_argument("--threads", type=int, default=spec.DEFAULT_ORT_THREADS)
+        c.add_argument("--runs", type=int, default=300, help="timed runs at batch 1 (a tenth at batch 32)")
+        c.add_argument("--seed", type=int, default=0)
+    cmp_, qdq = sub.choices["compare"], sub.choices["qdq"]
+    cmp_.add_argument("--out-json", type=Path)
+    cmp_.add_argument("--variants", help="comma-separated variant names to run (default: all)")
+    cmp_.add_argument("--bert-fusion", help="NUM_HEADS,HIDDEN: also measure ORT BERT attention fusion first")
+    cmp_.add_argument("--modelopt", action="store_true", help="also measure the modelopt QDQ variants on CPU")
+    qdq.add_argument("--out", type=Path, required=True, help="folder for encoder.onnx and its calibration set")
+    qdq.add_argument("--calibration-method", default="max", choices=("max", "entropy"))
+    qdq.add_argument("--exclude", action="append", default=None, metavar="REGEX",
+                     help=f"node names to keep in float (repeatable; default {BERT_FFN_IN!r}, '' for none)")
+    args = p.parse_args(argv)
+    if args.command == "qdq":
+        args.exclude = [x for x in (args.exclude if args.exclude is not None else [BERT_FFN_IN]) if x]
+    # WARNING for the root logger: onnxruntime's quantizer logs every tensor at INFO there.
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    log.setLevel(logging.INFO)
+    if args.catalog is None:
+        from conversion.build_models import profile_settings
+        from conversion.stages import stage_dir
+
+        args.catalog = stage_dir("02-catalog", profile_settings("ci").artifact.catalog)
+    try:
+        _require_model(args.onnx)
+        compare(args) if args.command == "compare" else build_qdq(args)
+    except QuantizationError as e:
+        log.error("%s", e)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

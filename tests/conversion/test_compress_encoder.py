@@ -1,0 +1,114 @@
+"""Stage 04 on the CI profile: the served INT8 encoder, the TensorRT Q/DQ graph, and their fidelity."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from conversion import compress_encoder as ce
+from conversion.build_models import built_artifacts, profile_settings
+from conversion.catalog_generator import Catalog
+from conversion.encoder_report import build_report, markdown, top_k_overlap
+from conversion.export_encoder import ENCODER_ONNX, REPORT_JSON, TOKENIZER_JSON
+from conversion.prune_encoder import split_texts
+from conversion.quantize import check_qdq_structure
+from conversion import export_encoder as export_stage
+from conversion.stages import stage_dir
+from model_repository.runtime import BucketTokenizer, encode_texts, ort_session
+
+pytestmark = pytest.mark.unit
+
+# The CI profile distils for only 80 steps, so its floors are lower than the release targets
+# (mean cosine 0.98, top-10 overlap 0.9), which `make models` measures on the default profile.
+CI_MIN_MEAN_COSINE = 0.9
+CI_MIN_TOP10 = 0.5
+
+
+@pytest.fixture(scope="module")
+def compressed(ci_models):
+    return ci_models["encoder"]
+
+
+@pytest.fixture(scope="module")
+def heldout(ci_models) -> dict:
+    return split_texts(Catalog.load(ci_models["catalog"]))
+
+
+def ops(path) -> set[str]:
+    return {n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node}
+
+
+def test_served_encoder_is_the_compressed_one(ci_models, compressed):
+    assert compressed.name.startswith(ce.STAGE)
+    artifacts, dim = built_artifacts("ci")
+    assert artifacts.encoder_dir == compressed and dim == 384
+    for name in (ENCODER_ONNX, ce.PRUNED_ONNX, ce.QDQ_ONNX, TOKENIZER_JSON, ce.CALIBRATION_TEXTS):
+        assert (compressed / name).is_file(), name
+
+
+def test_int8_graph_is_quantized_and_smaller(compressed, ci_models):
+    int8, pruned = compressed / ENCODER_ONNX, compressed / ce.PRUNED_ONNX
+    assert ops(int8) & {"MatMulInteger", "DynamicQuantizeLinear", "QLinearMatMul", "DequantizeLinear"}
+    # Word embeddings (a Gather, kept FP32) are most of the file; the quantized matmuls shrink 4x.
+    assert int8.stat().st_size < 0.9 * pruned.stat().st_size
+    assert pruned.stat().st_size < (ci_models["encoder_fp32"] / ENCODER_ONNX).stat().st_size
+    report = json.loads((compressed / REPORT_JSON).read_text())
+    flops = report["pruning"]["flops"]["16"]
+    assert flops["pruned"] <= profile_settings("ci").artifact.compression.prune.keep_flops * flops["teacher"]
+
+
+def test_qdq_graph_is_what_tensorrt_consumes(compressed):
+    structure = check_qdq_structure(compressed / ce.QDQ_ONNX)
+    assert structure["weighted_nodes_per_channel"] >= 6 * 4  # Q, K, V, out, FFN in/out per layer, at least
+    texts = json.loads((compressed / ce.CALIBRATION_TEXTS).read_text())
+    assert len(texts) >= 300 and len(set(texts)) == len(texts)
+
+
+def test_calibration_never_uses_heldout_text(compressed, heldout):
+    texts = set(json.loads((compressed / ce.CALIBRATION_TEXTS).read_text()))
+    assert not texts & (set(heldout["heldout_titles"]) | set(heldout["heldout_queries"]))
+
+
+@pytest.mark.parametrize("variant", [ENCODER_ONNX, ce.QDQ_ONNX])
+def test_quantized_encoders_meet_the_ci_fidelity_floor(ci_models, compressed, heldout, variant):
+    tok = BucketTokenizer(compressed / TOKENIZER_JSON)
+    queries, titles = heldout["heldout_queries"], heldout["heldout_titles"]
+    teacher = ort_session(ci_models["encoder_fp32"] / ENCODER_ONNX, threads=2)
+    student = ort_session(compressed / variant, threads=2)
+    tq, tt = encode_texts(tok, teacher, queries), encode_texts(tok, teacher, titles)
+    sq, st = encode_texts(tok, student, queries), encode_texts(tok, student, titles)
+    cosine = np.concatenate([(tq * sq).sum(1), (tt * st).sum(1)])
+    assert cosine.mean() >= CI_MIN_MEAN_COSINE, cosine.mean()
+    assert top_k_overlap(tq, tt, sq, st) >= CI_MIN_TOP10
+
+
+def test_top_k_overlap_counts_shared_neighbours():
+    q = np.eye(3)[:2]
+    c = np.eye(3)
+    assert top_k_overlap(q, c, q, c, k=1) == 1.0
+    assert top_k_overlap(q, c, q[::-1], c, k=1) == 0.0
+
+
+def test_report_measures_every_variant(ci_models, compressed):
+    settings = profile_settings("ci")
+    report = build_report(ci_models["encoder_fp32"], compressed, settings.artifact.catalog, rounds=1)
+    rows = report["variants"]
+    assert set(rows) == {"fp32", "pruned", "pruned+int8 (ORT CPU)", "pruned+qdq (TensorRT)"}
+    assert rows["fp32"]["mean_cosine"] == pytest.approx(1.0, abs=1e-6)
+    assert rows["fp32"]["top10_overlap"] == 1.0
+    assert rows["pruned"]["gflops_seq16"] < rows["fp32"]["gflops_seq16"]
+    assert rows["pruned"]["parameters"] < rows["fp32"]["parameters"]
+    assert all(r["latency_1x16_ms"] > 0 and r["throughput_32x32"] > 0 for r in rows.values())
+    assert set(report["targets"]) == {"throughput_ratio_32x32", "latency_ratio_1x16", "mean_cosine", "top10_overlap"}
+    table = markdown(report, "make models")
+    assert all(f"| {name} |" in table for name in rows) and "PASS" in table or "FAIL" in table
+
+
+def test_fp32_encoder_choice_serves_the_plain_export():
+    settings = profile_settings("ci", encoder="fp32")
+    assert settings.artifact.compression is None
+    with pytest.raises(ValueError, match="encoder must be one of"):
+        profile_settings("ci", encoder="int4")
+    assert stage_dir(export_stage.STAGE, settings.artifact.encoder).name.startswith("01-encoder-fp32")

@@ -1,0 +1,194 @@
+"""conversion/quantize.py on a tiny two-layer MLP built here (the real encoder is measured in docs/quantization.md)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from conversion import quantize as q
+
+pytestmark = pytest.mark.unit
+
+D_IN, D_HIDDEN, D_OUT = 16, 32, 16
+
+
+def _mlp(path: Path, d_out: int = D_OUT, seed: int = 0) -> Path:
+    """X [batch, 16] -> MatMul+Add+Relu -> MatMul+Add -> Y [batch, d_out]; weights ~ N(0, 1/fan_in)."""
+    rng = np.random.default_rng(seed)
+    w = lambda *shape: numpy_helper.from_array(  # noqa: E731
+        (rng.standard_normal(shape) / np.sqrt(shape[0])).astype(np.float32))
+    inits = [w(D_IN, D_HIDDEN), w(D_HIDDEN), w(D_HIDDEN, d_out), w(d_out)]
+    for t, name in zip(inits, ("w1", "b1", "w2", "b2")):
+        t.name = name
+    nodes = [helper.make_node("MatMul", ["X", "w1"], ["h0"], name="fc1"),
+             helper.make_node("Add", ["h0", "b1"], ["h1"], name="fc1_bias"),
+             helper.make_node("Relu", ["h1"], ["h2"], name="relu"),
+             helper.make_node("MatMul", ["h2", "w2"], ["h3"], name="fc2"),
+             helper.make_node("Add", ["h3", "b2"], ["Y"], name="fc2_bias")]
+    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["batch", D_IN])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["batch", d_out])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+def _feeds(n: int = 8, rows: int = 16, seed: int = 1) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return [{"X": rng.standard_normal((rows, D_IN)).astype(np.float32)} for _ in range(n)]
+
+
+def _run(path: Path, x: np.ndarray) -> np.ndarray:
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"X": x})[0]
+
+
+def _ops(path: Path) -> set[str]:
+    return {n.op_type for n in onnx.load(str(path)).graph.node}
+
+
+@pytest.fixture(scope="module")
+def fp32(tmp_path_factory) -> Path:
+    return _mlp(tmp_path_factory.mktemp("fp32") / "mlp.onnx")
+
+
+@pytest.fixture(scope="module")
+def static_pc(fp32, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("static") / "mlp.int8.onnx"
+    # reduce_range: without it the u8 x s8 kernels of AVX2 machines without VNNI saturate (docs/quantization.md).
+    q.quantize_ort_int8(fp32, out, q.OrtInt8Settings(mode="static", reduce_range=True), _feeds())
+    return out
+
+
+def _assert_close(fp32: Path, int8: Path) -> None:
+    # Held-out inputs, not the calibration ones. Outputs are O(1); each layer rounds weights (per channel) and
+    # activations to 8 bits, i.e. relative steps of ~1/127 and ~1/255 whose errors mostly cancel over the
+    # 16/32-term sums: the expected error is ~1% of the output scale. 5% leaves room for an unlucky draw and
+    # still catches a wrong scale or zero point, which is off by tens of percent or more.
+    x = np.random.default_rng(99).standard_normal((64, D_IN)).astype(np.float32)
+    ref, got = _run(fp32, x), _run(int8, x)
+    assert np.abs(got - ref).max() <= 0.05 * np.abs(ref).max()
+    cos = (ref * got).sum(1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1))
+    assert cos.mean() > 0.999
+
+
+def test_dynamic_uses_integer_matmul_and_stays_close(fp32, tmp_path):
+    out = tmp_path / "mlp.int8.onnx"
+    report = q.quantize_ort_int8(fp32, out)
+    assert {"MatMulInteger", "DynamicQuantizeLinear"} <= _ops(out) and "MatMul" not in _ops(out)
+    _assert_close(fp32, out)
+    saved = json.loads(q.report_path(out).read_text())
+    assert saved == report and saved["settings"]["mode"] == "dynamic" and saved["settings"]["per_channel"]
+    assert saved["op_counts"]["MatMulInteger"] == 2 and saved["output_bytes"] == out.stat().st_size
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mlp.int8.onnx", "mlp.int8.quantization.json"]
+
+
+def test_static_writes_qdq_and_stays_close(fp32, static_pc):
+    assert {"QuantizeLinear", "DequantizeLinear", "MatMul"} <= _ops(static_pc)
+    _assert_close(fp32, static_pc)
+    report = json.loads(q.report_path(static_pc).read_text())
+    assert report["settings"]["mode"] == "static" and report["calibration"] == {"feeds": 8, "rows": 128}
+
+
+def test_structure_check_passes_on_per_channel_qdq(static_pc):
+    assert q.check_qdq_structure(static_pc)["weighted_nodes_per_channel"] == 2
+
+
+def test_structure_check_fails_on_per_tensor_scales(fp32, tmp_path):
+    out = tmp_path / "per_tensor.onnx"
+    q.quantize_ort_int8(fp32, out, q.OrtInt8Settings(mode="static", per_channel=False), _feeds())
+    with pytest.raises(q.QdqStructureError, match="per-tensor scale"):
+        q.check_qdq_structure(out)
+
+
+def test_structure_check_fails_when_a_weight_skips_dequantize(static_pc, tmp_path):
+    model = onnx.load(str(static_pc))
+    graph = model.graph
+    producer = {o: n for n in graph.node for o in n.output}
+    fc2 = next(n for n in graph.node if n.name.startswith("fc2") and n.op_type == "MatMul")
+    dq = producer[fc2.input[1]]
+    consts = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    # The weight as plain float, wired straight into the MatMul: what a missed weight looks like.
+    w = (consts[dq.input[0]].astype(np.float32) - consts[dq.input[2]].astype(np.float32)) * consts[dq.input[1]]
+    graph.initializer.append(numpy_helper.from_array(w.astype(np.float32), "w2_float"))
+    fc2.input[1] = "w2_float"
+    graph.node.remove(dq)
+    broken = tmp_path / "broken.onnx"
+    onnx.save(model, str(broken))
+    with pytest.raises(q.QdqStructureError, match="fc2.*input 1 .* not produced by DequantizeLinear"):
+        q.check_qdq_structure(broken)
+    assert q.check_qdq_structure(broken, exempt=["fc2.*"])["exempt"] == 1  # kept in float on purpose
+
+
+def test_wrong_feed_names_and_dtypes_raise(fp32, tmp_path):
+    with pytest.raises(q.CalibrationFeedError, match=r"missing \['X'\], unexpected \['x'\]"):
+        q.quantize_ort_int8(fp32, tmp_path / "a.onnx", q.OrtInt8Settings(mode="static"),
+                            [{"x": np.zeros((2, D_IN), np.float32)}])
+    with pytest.raises(q.CalibrationFeedError, match="X is float64"):
+        q.quantize_ort_int8(fp32, tmp_path / "a.onnx", q.OrtInt8Settings(mode="static"),
+                            [{"X": np.zeros((2, D_IN))}])
+    with pytest.raises(q.CalibrationFeedError, match="no calibration feeds"):
+        q.quantize_ort_int8(fp32, tmp_path / "a.onnx", q.OrtInt8Settings(mode="static"))
+    assert not any(tmp_path.iterdir())
+
+
+def test_missing_model_raises(tmp_path):
+    with pytest.raises(q.ModelFileError, match="not found"):
+        q.quantize_ort_int8(tmp_path / "nope.onnx", tmp_path / "out.onnx")
+    with pytest.raises(q.ModelFileError):
+        q.quantize_qdq_modelopt(tmp_path / "nope.onnx", tmp_path / "out.onnx", _feeds())
+
+
+def test_settings_are_validated():
+    with pytest.raises(ValueError, match="mode"):
+        q.OrtInt8Settings(mode="qoperator")
+    with pytest.raises(ValueError, match="per channel only"):
+        q.QdqSettings(per_channel=False)
+
+
+def test_modelopt_qdq_is_per_channel_and_keeps_its_calibration_set(fp32, tmp_path):
+    feeds = _feeds(n=6, rows=16)
+    out = tmp_path / "mlp.qdq.onnx"
+    report = q.quantize_qdq_modelopt(fp32, out, feeds, q.QdqSettings(n_calibration_samples=64))
+    assert report["structure"]["weighted_nodes_per_channel"] == 2 and report["structure"]["exempt"] == 0
+    assert q.check_qdq_structure(out) == report["structure"]
+    _assert_close(fp32, out)
+    saved = q.load_calibration(out.with_suffix(q.CALIBRATION_SUFFIX))
+    assert [f["X"].shape[0] for f in saved] == [16, 16, 16, 16]  # 64 rows, in feed order
+    np.testing.assert_array_equal(saved[0]["X"], feeds[0]["X"])
+    assert json.loads(q.report_path(out).read_text())["calibration"]["rows"] == 64
+
+
+def test_encoder_feeds_are_bucketed_like_serving(tmp_path):
+    from model_repository import spec
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"[PAD]": 0, "[UNK]": 1, **{f"w{i}": i + 2 for i in range(40)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    texts = ["w1 w2"] * 5 + [" ".join(f"w{i}" for i in range(20))] * 3
+    feeds = q.encoder_calibration_feeds(tmp_path / "tokenizer.json", texts, batch_size=4)
+    shapes = [f[spec.INPUT_IDS.name].shape for f in feeds]
+    assert shapes == [(4, 16), (1, 16), (3, 32)]
+    assert all(f[spec.ATTENTION_MASK.name].dtype == np.int64 for f in feeds)
+    assert feeds[0][spec.ATTENTION_MASK.name][0].sum() == 2
+
+
+def test_modelopt_leaves_small_gemms_in_float_and_the_check_accepts_that(tmp_path):
+    # modelopt skips GEMMs with K or N < 16 (slower in INT8 on TensorRT), like a ranker's 1-wide output layer.
+    fp32 = _mlp(tmp_path / "narrow.onnx", d_out=8)
+    report = q.quantize_qdq_modelopt(fp32, tmp_path / "narrow.qdq.onnx", _feeds(n=2), q.QdqSettings())
+    assert report["structure"]["weighted_nodes_per_channel"] == 1 and report["structure"]["exempt"] == 1
+
+
+def test_pre_process_runs_and_leaves_nothing_in_the_cwd(fp32, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    report = q.quantize_ort_int8(fp32, tmp_path / "pp.onnx", q.OrtInt8Settings(pre_process=True))
+    assert report["pre_process"].startswith("symbolic shape inference")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pp.onnx", "pp.quantization.json"]
