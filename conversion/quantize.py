@@ -322,6 +322,35 @@ def load_calibration(path: Path) -> list[dict[str, np.ndarray]]:
 
 def quantize_qdq_modelopt(fp32_onnx: Path, out_onnx: Path, calibration_feeds: list[dict[str, np.ndarray]],
                           settings: QdqSettings = QdqSettings()) -> dict:
+    """modelopt INT8 Q/DQ for TensorRT, run in a fresh interpreter.
+
+    modelopt's calibration patches onnxruntime's quantization internals for the rest of the
+    process; afterwards ORT's own static quantization fails ("quantization parameters are not
+    specified"), so it never runs in the caller's process.
+    """
+    import subprocess
+    import sys
+
+    validate_feeds(_require_model(fp32_onnx), calibration_feeds)
+    with tempfile.TemporaryDirectory(prefix="modelopt-") as work:
+        feeds, args = Path(work) / "feeds.npz", Path(work) / "args.json"
+        save_calibration(feeds, calibration_feeds)
+        args.write_text(json.dumps({"fp32": str(fp32_onnx), "out": str(out_onnx), "feeds": str(feeds),
+                                    "settings": dataclasses.asdict(settings)}))
+        code = ("import json, sys; from pathlib import Path; from conversion import quantize as q; "
+                "a = json.loads(Path(sys.argv[1]).read_text()); "
+                "s = {k: tuple(v) if isinstance(v, list) else v for k, v in a['settings'].items()}; "
+                "q._quantize_qdq_modelopt_here(Path(a['fp32']), Path(a['out']), "
+                "q.load_calibration(Path(a['feeds'])), q.QdqSettings(**s))")
+        run = subprocess.run([sys.executable, "-c", code, str(args)], capture_output=True, text=True)
+        if run.returncode != 0:
+            tail = (run.stderr.strip().splitlines() or ["no output"])[-1]
+            raise QuantizationError(f"modelopt quantization of {fp32_onnx} failed: {tail}")
+    return json.loads(report_path(out_onnx).read_text())
+
+
+def _quantize_qdq_modelopt_here(fp32_onnx: Path, out_onnx: Path, calibration_feeds: list[dict[str, np.ndarray]],
+                          settings: QdqSettings = QdqSettings()) -> dict:
     """FP32 ONNX -> INT8 QDQ ONNX for TensorRT, calibrated on the feeds (saved beside it); returns the report."""
     fp32, out_onnx = _require_model(fp32_onnx), Path(out_onnx)
     validate_feeds(fp32, calibration_feeds)

@@ -36,7 +36,7 @@ def test_serve_reports_ready_then_stops_on_sigint(ci_repository, tmp_path):
             assert c.is_ready()
             assert len(c.rank("desk lamp", 1, [1, 2, 3], top_k=2)) == 2
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=60) == 0
+        assert proc.wait(timeout=180) == 0
         with SearchClient(f"127.0.0.1:{ports.grpc}", timeout_s=1) as c:
             assert not c.is_live()
     finally:
@@ -47,6 +47,6 @@ def test_serve_reports_ready_then_stops_on_sigint(ci_repository, tmp_path):
 
 def test_serve_fails_fast_on_missing_repository(tmp_path):
     result = subprocess.run([sys.executable, "-m", "model_repository.triton_server", "--repository",
-                             str(tmp_path / "nope")], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+                             str(tmp_path / "nope")], cwd=REPO_ROOT, capture_output=True, text=True, timeout=180)
     assert result.returncode != 0
     assert "not a rendered model repository" in result.stderr
