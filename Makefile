@@ -16,7 +16,7 @@ METRICS_PORT ?= 8002
 PYTEST_ARGS ?=
 
 # encoder-frontier: keep-FLOPs/layers vs fidelity vs speed, one table (POINTS=0.5:0,0.35:2,...)
-.PHONY: encoder-frontier help venv models serve demo test test-unit test-server bench bench-perf-analyzer loadtest loadtest-distributed clean
+.PHONY: encoder-frontier help venv models serve demo test test-unit test-server bench bench-perf-analyzer bench-ranker loadtest loadtest-distributed clean
 
 help:
 	@echo "make demo     build models, start Triton, rank sample queries, stop"
@@ -27,6 +27,9 @@ help:
 	@echo "make serve    serve $(REPOSITORY) on ports $(HTTP_PORT)/$(GRPC_PORT)/$(METRICS_PORT) until Ctrl-C"
 	@echo "make bench    search_rank latency (100 and 1000 candidates) against a fresh local server"
 	@echo "make bench-perf-analyzer   the same, cross-checked with Triton's perf_analyzer"
+	@echo "make bench-ranker   ranker AUCs (ground truth, FP32, compressed) and ORT latency at 100/1000 candidates,"
+	@echo "              PASS/FAIL against the targets (docs/ranker_benchmark.md for the default profile);"
+	@echo "              RANKER_BASELINE=1 also trains the first MLP ranker on the same split for comparison"
 	@echo "make loadtest [TARGET=host:port USERS= DURATION= RATE= LOADTEST_PROFILE=cpu|gpu]"
 	@echo "              Locust against TARGET (default: a local server on $(REPOSITORY)), checked against"
 	@echo "              loadtests/targets.toml; non-zero exit on any FAIL; reports in build/loadtest/"
@@ -81,6 +84,11 @@ $(PERF_VENV)/.installed:
 	test -x $(PERF_VENV)/bin/python || $(PYTHON) -m venv $(PERF_VENV)
 	$(PERF_VENV)/bin/pip install -q "tritonclient[all]==2.34.0" nvidia-cuda-runtime-cu12
 	touch $@
+
+bench-ranker: models
+	$(if $(RANKER_BASELINE),$(PY) -m conversion.train_ranker --profile $(PROFILE) --encoder $(ENCODER) --compare-baseline)
+	$(PY) -m conversion.ranker_report --profile $(PROFILE) --encoder $(ENCODER) $(if $(RANKER_BASELINE),--compare-baseline) \
+		$(if $(filter default,$(PROFILE)),$(if $(filter int8,$(ENCODER)),--markdown docs/ranker_benchmark.md))
 
 bench-perf-analyzer: models $(PERF_VENV)/.installed
 	$(PY) -m client.bench --repository $(REPOSITORY) --perf-analyzer $(PERF_VENV)/bin/perf_analyzer

@@ -35,8 +35,9 @@ class CatalogArtifactSettings:
     # The served encoder: pruned + INT8 by default; None serves (and encodes with) the FP32 export.
     compression: CompressSettings | None = field(default_factory=CompressSettings)
     batch_size: int = 64
-    # Bumped when the artifact's contents change for the same inputs (v2: user bucket hash).
-    format_version: int = 2
+    # Bumped when the artifact's contents change for the same inputs (v2: user bucket hash,
+    # v3: item-id hash column).
+    format_version: int = 3
 
     def __post_init__(self):
         # The teacher and the distillation text must be the ones this artifact names, or the hash
@@ -73,7 +74,12 @@ def build_tables(catalog: Catalog, encoder_dir: Path, batch_size: int = 64, thre
     item_embeddings = np.zeros((len(titles) + 1, d), dtype=np.float32)
     item_embeddings[1:] = emb
     item_features = np.zeros((len(titles) + 1, len(spec.ITEM_FEATURE_COLUMNS)), dtype=np.int64)
-    item_features[1:] = np.stack([catalog.category, catalog.brand, catalog.price_bucket], axis=1)[item_order]
+    # Column order is spec.ITEM_FEATURE_COLUMNS; the item-id hash is computed here once, so training
+    # (which reads these tables) and serving (which looks rows up in them) cannot hash differently.
+    from conversion.ranker_model import item_bucket
+
+    item_features[1:] = np.stack([catalog.category, catalog.brand, catalog.price_bucket,
+                                  item_bucket(catalog.item_ids)], axis=1)[item_order]
 
     user_order = np.argsort(catalog.user_ids, kind="stable")
     user_ids = catalog.user_ids[user_order]

@@ -124,7 +124,9 @@ ATTENTION_MASK = Tensor("ATTENTION_MASK", INT64, (-1,))
 ENCODER_TEXT = Tensor("TEXT", BYTES, (1,))
 
 # Ranker graph tensors (candidates are the batch axis).
-ITEM_FEATURE_COLUMNS = ("category", "brand", "price_bucket")
+# item_bucket: the catalog item id hashed into a bounded table (conversion.ranker_model.item_bucket);
+# the cold-start row 0 has 0 in every column, so unknown ids share one learned embedding.
+ITEM_FEATURE_COLUMNS = ("category", "brand", "price_bucket", "item_bucket")
 USER_FEATURE_COLUMNS = ("user_bucket", "segment")
 ITEM_FEATURES = Tensor("ITEM_FEATURES", INT64, (len(ITEM_FEATURE_COLUMNS),))
 USER_FEATURES = Tensor("USER_FEATURES", INT64, (len(USER_FEATURE_COLUMNS),))

@@ -1,4 +1,5 @@
-"""The baseline ranker: AUC against the ground truth, ONNX fidelity, cold start, CLI errors."""
+"""The stage-06 ranker on the ci build: AUC against the ground truth, the compression gate and
+report, ONNX fidelity of both files, the item-id feature, cold start, CLI errors."""
 from __future__ import annotations
 
 import json
@@ -14,7 +15,10 @@ from sklearn.metrics import roc_auc_score
 from conversion.build_models import profile_settings
 from conversion.catalog_generator import POSITION_BIAS, Catalog
 from conversion.stages import REPO_ROOT
-from conversion.train_ranker import METRICS_JSON, RANKER_ONNX, load_ranker
+from conversion.ranker_model import COLD_START_BUCKET, count_units, item_bucket
+from conversion.quantize import check_qdq_structure
+from conversion.train_ranker import (LATENCY_SIZES, METRICS_JSON, RANKER_FP32_ONNX, RANKER_FP32_WEIGHTS, RANKER_ONNX,
+                                     RANKER_QDQ_ONNX, load_ranker)
 from model_repository import spec
 from model_repository.runtime import CatalogTables
 
@@ -78,15 +82,75 @@ def test_ranker_onnx_matches_pytorch(test_split, ci_models):
     np.testing.assert_allclose(test_split["scores"][:500], expected, atol=1e-5)
 
 
-def test_onnx_ranker_has_spec_names_and_dynamic_candidate_axis(ci_models):
+@pytest.mark.parametrize("filename", [RANKER_ONNX, RANKER_FP32_ONNX])
+def test_onnx_ranker_has_spec_names_and_dynamic_candidate_axis(ci_models, filename):
     import onnx
 
-    graph = onnx.load(str(ci_models["ranker"] / RANKER_ONNX)).graph
-    assert [i.name for i in graph.input] == [spec.query_embedding(0).name, spec.item_embedding(0).name,
-                                            spec.ITEM_FEATURES.name, spec.USER_FEATURES.name]
+    graph = onnx.load(str(ci_models["ranker"] / filename)).graph
+    weights = {w.name for w in graph.initializer}
+    inputs = [i for i in graph.input if i.name not in weights]
+    assert [i.name for i in inputs] == [spec.query_embedding(0).name, spec.item_embedding(0).name,
+                                        spec.ITEM_FEATURES.name, spec.USER_FEATURES.name]
     assert [o.name for o in graph.output] == [spec.CLICK_PROB.name]
-    for t in [*graph.input, *graph.output]:
+    for t in [*inputs, *graph.output]:
         assert t.type.tensor_type.shape.dim[0].dim_param, f"{t.name}: candidate axis must be dynamic"
+    assert inputs[2].type.tensor_type.shape.dim[1].dim_value == len(spec.ITEM_FEATURE_COLUMNS)
+
+
+def test_fp32_onnx_matches_its_pytorch_weights(test_split, ci_models):
+    model = load_ranker(ci_models["ranker"], RANKER_FP32_WEIGHTS)
+    feeds = {k: np.ascontiguousarray(v[:500]) for k, v in test_split["feeds"].items()}
+    session = ort.InferenceSession(str(ci_models["ranker"] / RANKER_FP32_ONNX), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        expected = model(*(torch.from_numpy(v) for v in feeds.values())).numpy()
+    np.testing.assert_allclose(session.run(None, feeds)[0], expected, atol=1e-5)
+
+
+def test_metrics_report_aucs_latency_and_a_passed_gate(ci_models):
+    m = json.loads((ci_models["ranker"] / METRICS_JSON).read_text())
+    print("\nci ranker AUC " + ", ".join(f"{k} {v:.4f}" for k, v in m["auc"].items())
+          + "; latency ms " + json.dumps(m["latency_ms"]) + f"; served {m['compression']['chosen']}")
+    assert set(m["auc"]) >= {"ground_truth", "fp32", "compressed"}
+    for model in ("fp32", "compressed"):
+        assert set(m["latency_ms"][model]) == {str(n) for n in LATENCY_SIZES}
+        assert all(v > 0 for v in m["latency_ms"][model].values())
+    gate = m["compression"]["gate"]
+    assert gate["passed"] and m["auc"]["compressed"] >= m["auc"]["fp32"] - gate["max_auc_drop"]
+    chosen = [c for c in m["compression"]["candidates"] if c["name"] == m["compression"]["chosen"]]
+    assert len(chosen) == 1 and chosen[0]["gate_passed"] and chosen[0]["path"] == RANKER_ONNX
+    assert m["test"]["auc"] == m["auc"]["compressed"]  # "test" describes what the server runs
+    assert m["fp32"]["flops_per_row"] > m["compression"]["flops_per_row"]
+
+
+def test_tensorrt_qdq_ranker_quantizes_every_gemm_it_can_and_keeps_the_auc(test_split, ci_models):
+    """The Q/DQ file a TensorRT engine is built from: structure re-checked here, and its scores
+    (ORT runs Q/DQ graphs) keep the test AUC within the compression gate of the FP32 model."""
+    path = ci_models["ranker"] / RANKER_QDQ_ONNX
+    structure = check_qdq_structure(path)
+    assert structure["weighted_nodes_per_channel"] >= 1 and structure["activation_only_nodes"] == 0
+    m = json.loads((ci_models["ranker"] / METRICS_JSON).read_text())
+    qdq = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, test_split["feeds"])[0]
+    fp32 = ort.InferenceSession(str(ci_models["ranker"] / RANKER_FP32_ONNX),
+                                providers=["CPUExecutionProvider"]).run(None, test_split["feeds"])[0]
+    clicks = test_split["catalog"].imp_click[test_split["idx"]]
+    gate = m["compression"]["gate"]["max_auc_drop"]
+    assert roc_auc_score(clicks, qdq.reshape(-1)) >= roc_auc_score(clicks, fp32.reshape(-1)) - gate
+    assert m["compression"]["tensorrt_qdq"]["auc"] >= m["auc"]["fp32"] - gate
+
+
+def test_served_ranker_is_pruned_to_the_requested_fraction(ci_models):
+    fp32, served = load_ranker(ci_models["ranker"], RANKER_FP32_WEIGHTS), load_ranker(ci_models["ranker"])
+    served = getattr(served, "model", served)  # an ORT INT8 file: the pruned model it was quantized from
+    fraction = profile_settings("ci").compression.prune_fraction
+    assert count_units(served) <= round((1 - fraction) * count_units(fp32)) + 4  # rounding per layer
+    assert served.shape.sim_heads < fp32.shape.sim_heads
+
+
+def test_artifact_carries_the_hashed_item_id_with_a_cold_start_row(ci_models):
+    tables = CatalogTables.load(ci_models["catalog_artifact"], mmap=False)
+    col = spec.ITEM_FEATURE_COLUMNS.index("item_bucket")
+    np.testing.assert_array_equal(tables.item_features[1:, col], item_bucket(tables.item_ids))
+    assert (tables.item_features[0] == COLD_START_BUCKET).all()
 
 
 def test_cold_start_rows_are_scored_sensibly(test_split, ci_models):
@@ -103,6 +167,13 @@ def test_cold_start_rows_are_scored_sensibly(test_split, ci_models):
     c, idx = test_split["catalog"], test_split["idx"][:2000]
     relevant = c.imp_p_click[idx] / POSITION_BIAS[c.imp_position[idx]] > 0.5
     assert test_split["scores"][:2000][relevant].mean() > cold_scores[relevant].mean()
+
+
+def test_cli_help():
+    result = subprocess.run([sys.executable, "-m", "conversion.train_ranker", "--help"], cwd=REPO_ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0
+    assert "--prune-fraction" in result.stdout and "--compare-baseline" in result.stdout
 
 
 def test_cli_rejects_bad_epochs():

@@ -9,6 +9,8 @@ import pytest
 from tokenizers import Tokenizer
 
 from conversion.catalog_generator import Catalog
+from conversion.ranker_model import item_bucket
+from model_repository import spec
 from model_repository.runtime import N_USER_BUCKETS, BucketTokenizer, CatalogTables, user_bucket
 
 pytestmark = pytest.mark.unit
@@ -111,7 +113,7 @@ def test_table_shapes(tables, catalog):
     n, m = len(catalog.item_ids), len(catalog.user_ids)
     assert tables.item_ids.shape == (n,) and tables.user_ids.shape == (m,)
     assert tables.item_embeddings.shape == (n + 1, 384)
-    assert tables.item_features.shape == (n + 1, 3) and tables.user_features.shape == (m + 1, 2)
+    assert tables.item_features.shape == (n + 1, len(spec.ITEM_FEATURE_COLUMNS)) and tables.user_features.shape == (m + 1, 2)
     assert tables.item_embeddings.dtype == np.float32
     assert tables.embedding_dim == 384
 
@@ -130,8 +132,9 @@ def test_cold_start_row_is_zero_and_others_unit_norm(tables):
 
 
 def test_item_rows_find_generator_features(tables, catalog):
-    truth = {int(i): (int(c), int(b), int(p))
-             for i, c, b, p in zip(catalog.item_ids, catalog.category, catalog.brand, catalog.price_bucket)}
+    assert spec.ITEM_FEATURE_COLUMNS == ("category", "brand", "price_bucket", "item_bucket")
+    truth = {int(i): (int(c), int(b), int(p), int(h)) for i, c, b, p, h in
+             zip(catalog.item_ids, catalog.category, catalog.brand, catalog.price_bucket, item_bucket(catalog.item_ids))}
     rng = np.random.default_rng(0)
     sample = rng.choice(catalog.item_ids, 200, replace=False)
     rows = tables.item_rows(sample)
