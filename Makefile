@@ -26,9 +26,10 @@ help:
 	@echo "              the default profile also writes the encoder compression report (docs/encoder_compression.md)"
 	@echo "make encoder-frontier [POINTS=0.5:0,0.35:2]   pruning budget vs fidelity vs speed (docs/encoder_frontier.md)"
 	@echo "make serve    serve $(REPOSITORY) on ports $(HTTP_PORT)/$(GRPC_PORT)/$(METRICS_PORT) until Ctrl-C"
+	@echo "              REPLICAS=N: N servers (ports +10 each); prints the balanced client target"
 	@echo "make bench    search_rank latency (100 and 1000 candidates) against a fresh local server"
 	@echo "make bench-perf-analyzer   the same, cross-checked with Triton's perf_analyzer"
-	@echo "make loadtest [TARGET=host:port USERS= DURATION= RATE= LOADTEST_PROFILE=cpu|gpu]"
+	@echo "make loadtest [TARGET=host:port[,host:port...] USERS= DURATION= RATE= LOADTEST_PROFILE=cpu|gpu]"
 	@echo "              Locust against TARGET (default: a local server on $(REPOSITORY)), checked against"
 	@echo "              loadtests/targets.toml; non-zero exit on any FAIL; reports in build/loadtest/"
 	@echo "make loadtest-distributed [WORKERS=2 ...]   the same with a Locust master and WORKERS workers"
@@ -55,9 +56,16 @@ models: $(STAMP)
 	$(PY) -m model_repository.render --profile $(PROFILE) --encoder $(ENCODER) $(if $(MODEL),--model $(MODEL)) \
 		--out $(REPOSITORY)
 
+# REPLICAS=N > 1: N servers on HTTP_PORT+10*i (+1 gRPC, +2 metrics); it prints the client target
+# (host:port,host:port) that SearchClient and `make loadtest TARGET=` balance over (deploy/replicas.py).
+REPLICAS ?= 1
 serve: models
+ifeq ($(REPLICAS),1)
 	$(PY) -m model_repository.triton_server --repository $(REPOSITORY) --host $(HOST) \
 		--grpc-port $(GRPC_PORT) --http-port $(HTTP_PORT) --metrics-port $(METRICS_PORT)
+else
+	$(PY) -m deploy.replicas --repository $(REPOSITORY) --replicas $(REPLICAS) --host $(HOST) --base-port $(HTTP_PORT)
+endif
 
 demo: models
 	$(PY) -m client.demo --repository $(REPOSITORY)

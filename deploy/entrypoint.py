@@ -18,6 +18,7 @@ from pathlib import Path
 from conversion.build_trt_engine import BuildTarget, TensorRTUnavailableError, TrtBuildError, TrtBuildSettings, \
     probe_target
 from deploy.bundle import Bundle
+from deploy.cli import OneLineParser
 from deploy.engines import ensure_engine
 from model_repository import spec
 from model_repository.render import render_repository
@@ -93,12 +94,6 @@ def server_invocation(settings: EntrypointSettings, repository: Path, gpu: bool)
     return server_command(triton, Path(binary).resolve().parent.parent / "backends"), env
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line instead of argparse's usage block; still exit 2
-        sys.stderr.write(f"error: {message}\n")
-        sys.exit(2)
-
-
 def _port(text: str) -> int:
     try:
         value = int(text)
@@ -127,7 +122,7 @@ def _positive(text: str) -> int:
 
 def parse_args(argv: list[str] | None) -> tuple[EntrypointSettings, bool]:
     d, dp = EntrypointSettings(), TritonPorts()
-    p = _Parser(prog="python -m deploy.entrypoint", description=__doc__.splitlines()[0])
+    p = OneLineParser(prog="python -m deploy.entrypoint", description=__doc__.splitlines()[0])
     p.add_argument("--bundle", type=Path, default=Path(os.environ.get("SEARCHRANK_BUNDLE", d.bundle)),
                    help=f"model bundle (python -m deploy.bundle); default $SEARCHRANK_BUNDLE or {d.bundle}")
     p.add_argument("--repository", type=Path, default=d.repository, help="where to render (a writable volume)")
