@@ -124,3 +124,14 @@ def test_copied_code_is_enough_for_the_entrypoint_and_backends(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(src))
     r = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
+
+
+def test_dockerignore_lets_in_every_copied_source():
+    # The context starts from "*": a COPY source that .dockerignore does not re-include is missing
+    # from the build context, and the docker build fails (or, for a folder, copies nothing).
+    allowed = {line[1:].rstrip("/") for line in (REPO_ROOT / ".dockerignore").read_text().splitlines()
+               if line.startswith("!")}
+    for line in _instructions("COPY"):
+        for src in line.split()[:-1]:
+            assert src.rstrip("/") in allowed, f"{src} is excluded from the build context"
+            assert (REPO_ROOT / src).exists() or src.rstrip("/") == IMAGE_BUNDLE.as_posix(), src
