@@ -8,6 +8,7 @@ is exactly what a pod going away looks like to a client balancing over the set.
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 import time
 from contextlib import ExitStack, contextmanager
@@ -54,6 +55,10 @@ def run_replicas(repository: Path, n: int, base_port: int | None = None, host: s
         yield servers
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     from conversion.stages import build_root
 
@@ -69,6 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 < args.base_port <= 65535 - PORT_STRIDE * args.replicas:
         p.error(f"--base-port {args.base_port} leaves no room for {args.replicas} replicas")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # Stop the servers on SIGTERM too (kill, process managers), and on SIGINT even when a
+    # non-interactive shell started us in the background with SIGINT ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         with run_replicas(args.repository, args.replicas, args.base_port, args.host) as servers:
             print(f"{len(servers)} replicas ready; client target: {grpc_targets(servers)}", flush=True)

@@ -178,8 +178,11 @@ def test_replicas_cli_serves_a_balanced_target(ci_repository):
         assert target == f"127.0.0.1:{base + 1},127.0.0.1:{base + 11}"
         with SearchClient(target, timeout_s=30) as c:
             assert len(c.rank("desk lamp", 1, CANDIDATES, top_k=3)) == 3
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signal.SIGTERM)  # what `kill` or a process manager sends
         assert proc.wait(timeout=120) == 0
+        for address in target.split(","):
+            with SearchClient(address, timeout_s=1) as c:
+                assert not c.is_live(), f"replica {address} outlived the CLI"
     finally:
         if proc.poll() is None:
             proc.kill()
