@@ -219,3 +219,56 @@ def test_entrypoint_cpu_path_serves_search_rank(ci_bundle, tmp_path):
             proc.kill()
             proc.wait()
     print((tmp_path / "entrypoint.log").read_text()[-2000:])
+
+
+# ---- GPU nodes only (skipped without TensorRT and a GPU; never run on the machine that wrote them) --
+
+@pytest.fixture(scope="module")
+def gpu_target() -> BuildTarget:
+    pytest.importorskip("tensorrt", reason="the tensorrt package is not installed")
+    from conversion.build_trt_engine import probe_target
+
+    try:
+        return probe_target()
+    except TensorRTUnavailableError as e:
+        pytest.skip(f"no GPU for TensorRT: {e}")
+
+
+@pytest.mark.gpu
+def test_engine_cache_on_a_real_gpu(gpu_target, ci_bundle, tmp_path):
+    settings = engine_settings(ci_bundle, spec.build_spec(ci_bundle.embedding_dim))
+    plan = engines.ensure_engine(ci_bundle.gpu_onnx, tmp_path, settings, gpu_target)
+    assert plan.parent.name == engines.target_folder_name(gpu_target) and engines.plan_deserializes(plan)
+    built = plan.stat().st_mtime_ns
+    assert engines.ensure_engine(ci_bundle.gpu_onnx, tmp_path, settings, gpu_target) == plan
+    assert plan.stat().st_mtime_ns == built, "a matching plan was rebuilt instead of reused"
+    full = plan.read_bytes()
+    plan.write_bytes(full[: len(full) // 2])  # a truncated copy in the cache, metadata intact
+    again = engines.ensure_engine(ci_bundle.gpu_onnx, tmp_path, settings, gpu_target)
+    assert engines.plan_deserializes(again) and again.stat().st_size > len(full) // 2
+
+
+@pytest.mark.gpu
+def test_entrypoint_gpu_path_serves_search_rank(gpu_target, ci_bundle, tmp_path):
+    from deploy.entrypoint import NGC_TRITONSERVER
+
+    if not NGC_TRITONSERVER.is_file():
+        pytest.skip(f"needs the Triton container's server with the tensorrt backend ({NGC_TRITONSERVER})")
+    ports = free_ports()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "deploy.entrypoint", "--bundle", str(ci_bundle.root), "--target", "gpu",
+         "--repository", str(tmp_path / "repo"), "--engine-cache", str(tmp_path / "engines"), "--host", "127.0.0.1",
+         "--http-port", str(ports.http), "--grpc-port", str(ports.grpc), "--metrics-port", str(ports.metrics)],
+        cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        with SearchClient(f"127.0.0.1:{ports.grpc}", timeout_s=30) as c:
+            c.wait_ready(timeout_s=1200)  # includes the engine build
+            assert len(c.rank("wireless headphones", 1, list(range(1, 51)), top_k=5)) == 5
+        assert '"target": "gpu"' in (tmp_path / "repo" / "MANIFEST.json").read_text()
+        assert list((tmp_path / "engines").rglob("*.plan"))
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=90) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
