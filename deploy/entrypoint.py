@@ -15,8 +15,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from conversion.build_trt_engine import BuildTarget, TensorRTUnavailableError, TrtBuildError, TrtBuildSettings, \
-    probe_target
+from conversion.build_trt_engine import BuildTarget, SettingsError, TensorRTUnavailableError, TrtBuildError, \
+    TrtBuildSettings, probe_target
 from deploy.bundle import Bundle
 from deploy.cli import OneLineParser
 from deploy.engines import ensure_engine
@@ -166,6 +166,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except FileNotFoundError as e:
         sys.stderr.write(f"error: {e}\n")
+        return 2
+    except SettingsError as e:  # e.g. the bundle's precision label does not match its ONNX
+        sys.stderr.write(f"error: TensorRT engine settings: {e}\n")
         return 2
     except TrtBuildError as e:
         sys.stderr.write(f"error: TensorRT engine: {e}\n")
