@@ -16,7 +16,8 @@ METRICS_PORT ?= 8002
 PYTEST_ARGS ?=
 
 # encoder-frontier: keep-FLOPs/layers vs fidelity vs speed, one table (POINTS=0.5:0,0.35:2,...)
-.PHONY: encoder-frontier help venv models serve demo test test-unit test-server bench bench-perf-analyzer bench-ranker loadtest loadtest-distributed clean
+.PHONY: encoder-frontier help venv models serve demo test test-unit test-server bench bench-perf-analyzer bench-ranker loadtest \
+	loadtest-distributed clean deploy-tools image-bundle image k8s-render
 
 help:
 	@echo "make demo     build models, start Triton, rank sample queries, stop"
@@ -25,15 +26,18 @@ help:
 	@echo "              the default profile also writes the encoder compression report (docs/encoder_compression.md)"
 	@echo "make encoder-frontier [POINTS=0.5:0,0.35:2]   pruning budget vs fidelity vs speed (docs/encoder_frontier.md)"
 	@echo "make serve    serve $(REPOSITORY) on ports $(HTTP_PORT)/$(GRPC_PORT)/$(METRICS_PORT) until Ctrl-C"
+	@echo "              REPLICAS=N: N servers (ports +10 each); prints the balanced client target"
 	@echo "make bench    search_rank latency (100 and 1000 candidates) against a fresh local server"
 	@echo "make bench-perf-analyzer   the same, cross-checked with Triton's perf_analyzer"
 	@echo "make bench-ranker   ranker AUCs (ground truth, FP32, compressed) and ORT latency at 100/1000 candidates,"
 	@echo "              PASS/FAIL against the targets (docs/ranker_benchmark.md for the default profile);"
 	@echo "              RANKER_BASELINE=1 also trains the first MLP ranker on the same split for comparison"
-	@echo "make loadtest [TARGET=host:port USERS= DURATION= RATE= LOADTEST_PROFILE=cpu|gpu]"
+	@echo "make loadtest [TARGET=host:port[,host:port...] USERS= DURATION= RATE= LOADTEST_PROFILE=cpu|gpu]"
 	@echo "              Locust against TARGET (default: a local server on $(REPOSITORY)), checked against"
 	@echo "              loadtests/targets.toml; non-zero exit on any FAIL; reports in build/loadtest/"
 	@echo "make loadtest-distributed [WORKERS=2 ...]   the same with a Locust master and WORKERS workers"
+	@echo "make image    stage the model bundle (build/image/bundle) and docker build deploy/docker/Dockerfile"
+	@echo "make k8s-render OVERLAY=cpu|gpu   render the Kubernetes manifests (docs/deploy.md)"
 
 venv: $(STAMP)
 
@@ -46,7 +50,7 @@ $(STAMP): pyproject.toml
 	@ldconfig -p | grep -q 'libpython3.11.so.1.0' || { apt-get update -qq && apt-get install -y -qq libpython3.11; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[models,dev,loadtest]"
+	$(PY) -m pip install -q -e ".[models,dev,loadtest,deploy]"
 	touch $(STAMP)
 
 models: $(STAMP)
@@ -55,17 +59,24 @@ models: $(STAMP)
 	$(PY) -m model_repository.render --profile $(PROFILE) --encoder $(ENCODER) $(if $(MODEL),--model $(MODEL)) \
 		--out $(REPOSITORY)
 
+# REPLICAS=N > 1: N servers on HTTP_PORT+10*i (+1 gRPC, +2 metrics); it prints the client target
+# (host:port,host:port) that SearchClient and `make loadtest TARGET=` balance over (deploy/replicas.py).
+REPLICAS ?= 1
 serve: models
+ifeq ($(REPLICAS),1)
 	$(PY) -m model_repository.triton_server --repository $(REPOSITORY) --host $(HOST) \
 		--grpc-port $(GRPC_PORT) --http-port $(HTTP_PORT) --metrics-port $(METRICS_PORT)
+else
+	$(PY) -m deploy.replicas --repository $(REPOSITORY) --replicas $(REPLICAS) --host $(HOST) --base-port $(HTTP_PORT)
+endif
 
 demo: models
 	$(PY) -m client.demo --repository $(REPOSITORY)
 
-test: $(STAMP)
+test: $(STAMP) deploy-tools
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
-test-unit: $(STAMP)
+test-unit: $(STAMP) deploy-tools
 	$(PY) -m pytest -m unit $(PYTEST_ARGS)
 
 test-server: $(STAMP)
@@ -113,6 +124,25 @@ loadtest: $(STAMP) $(if $(TARGET),,models)
 
 loadtest-distributed: $(STAMP) $(if $(TARGET),,models)
 	$(LOADTEST_CMD) --workers $(WORKERS)
+
+# kubectl carries kustomize (the deploy tests render every overlay with it); Debian/Ubuntu's package.
+deploy-tools:
+	@command -v kubectl >/dev/null || { apt-get update -qq && apt-get install -y -qq kubectl; }
+	@kubectl kustomize --help >/dev/null
+
+# The model payload the image carries (ONNX, tokenizer, catalog; never engines), then the image.
+IMAGE ?= search-rank-triton:dev
+image-bundle: models
+	$(PY) -m deploy.bundle --profile $(PROFILE) --encoder $(ENCODER) $(if $(MODEL),--model $(MODEL)) --out build/image/bundle
+
+image: image-bundle
+	@command -v docker >/dev/null || { echo "error: docker not found; the bundle is staged in build/image/bundle"; exit 1; }
+	docker build -f deploy/docker/Dockerfile -t $(IMAGE) .
+
+# Render a Kubernetes overlay (cpu|gpu) to stdout.
+OVERLAY ?= gpu
+k8s-render: deploy-tools
+	kubectl kustomize deploy/k8s/overlays/$(OVERLAY)
 
 clean:
 	rm -rf build

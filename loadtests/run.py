@@ -173,13 +173,19 @@ def print_result(r: RunResult, s: RunSettings) -> None:
 
 
 def default_metrics_url(target: str) -> str:
+    """Port 8002 of the target's host; "none" for a replica set (several addresses, dns:///...),
+    whose servers' metrics are not one endpoint: pass --metrics-url for one replica."""
+    if "," in target or target.startswith(("dns:", "ipv4:", "ipv6:")):
+        log.warning("target %s names a replica set: no Triton metrics scrape (pass --metrics-url)", target)
+        return "none"
     host = target.rsplit(":", 1)[0]
     return f"http://{host}:{TRITON_METRICS_PORT}/metrics"
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m loadtests.run", description=__doc__.splitlines()[0])
-    p.add_argument("--target", help="host:port of a running server's gRPC endpoint (default: start a local one)")
+    p.add_argument("--target", help="gRPC endpoint of a running server: host:port, a replica set "
+                                    "host:port,host:port, or dns:///name:port (default: start a local one)")
     p.add_argument("--repository", type=Path, default=build_root() / "model_repository",
                    help="rendered model repository: served when no --target, and its catalog feeds the traffic")
     p.add_argument("--catalog", type=Path, help="catalog artifact folder (default: <repository>/feature_lookup/1/catalog)")

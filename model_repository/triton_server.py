@@ -48,6 +48,12 @@ class TritonSettings:
     log_verbose: int = 0
     log_file: Path | None = None
     warm: bool = True
+    # Seconds Triton waits for in-flight requests after SIGTERM/SIGINT before it exits; the
+    # Kubernetes grace period must exceed it plus the preStop pause (deploy/k8s, tested).
+    exit_timeout_s: int = 30
+    gpu_metrics: bool = False
+    # None: the binary inside the nvidia-pytriton wheel (the CPU default).
+    binary: Path | None = None
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -90,17 +96,20 @@ def prepare_backends(dest: Path | None = None) -> Path:
 
 def server_command(settings: TritonSettings, backend_dir: Path) -> list[str]:
     p = settings.ports
+    binary = settings.binary or pytriton_root() / "tritonserver" / "bin" / "tritonserver"
     return [
-        str(pytriton_root() / "tritonserver" / "bin" / "tritonserver"),
+        str(binary),
         f"--model-repository={Path(settings.repository).resolve()}",
         f"--backend-directory={backend_dir}",
         f"--http-address={settings.host}", f"--http-port={p.http}",
         f"--grpc-address={settings.host}", f"--grpc-port={p.grpc}",
         f"--metrics-address={settings.host}", f"--metrics-port={p.metrics}",
-        "--allow-metrics=true", "--allow-gpu-metrics=false",
+        "--allow-metrics=true", f"--allow-gpu-metrics={str(settings.gpu_metrics).lower()}",
         f"--log-verbose={settings.log_verbose}",
         # A python model that fails to load must fail the start, not leave a half-served ensemble.
         "--exit-on-error=true", "--strict-readiness=true",
+        # The repository is fixed at start: nothing may load or unload models behind the probes.
+        "--model-control-mode=none", f"--exit-timeout-secs={settings.exit_timeout_s}",
     ]
 
 
