@@ -7,7 +7,8 @@ STAMP := $(VENV)/.installed
 PROFILE ?= default
 ENCODER ?= int8
 POINTS ?= 0.5:0,0.35:2,0.25:3
-ENCODER_REPORT ?= $(if $(filter default,$(PROFILE)),$(if $(filter int8,$(ENCODER)),docs/encoder_compression.md))
+# Written under build/, not docs/: `make demo` must not rewrite a tracked, curated doc.
+ENCODER_REPORT ?= $(if $(filter default,$(PROFILE)),$(if $(filter int8,$(ENCODER)),build/reports/encoder_compression.md))
 REPOSITORY ?= build/model_repository
 HOST ?= 127.0.0.1
 GRPC_PORT ?= 8001
@@ -23,7 +24,7 @@ help:
 	@echo "make demo     build models, start Triton, rank sample queries, stop"
 	@echo "make test     run the test suite (unit + real-Triton server tests)"
 	@echo "make models   build artifacts (PROFILE=default|ci, ENCODER=int8|fp32) and render $(REPOSITORY);"
-	@echo "              the default profile also writes the encoder compression report (docs/encoder_compression.md)"
+	@echo "              the default profile also writes the encoder compression report (build/reports/encoder_compression.md)"
 	@echo "make encoder-frontier [POINTS=0.5:0,0.35:2]   pruning budget vs fidelity vs speed (docs/encoder_frontier.md)"
 	@echo "make serve    serve $(REPOSITORY) on ports $(HTTP_PORT)/$(GRPC_PORT)/$(METRICS_PORT) until Ctrl-C"
 	@echo "              REPLICAS=N: N servers (ports +10 each); prints the balanced client target"

@@ -10,13 +10,13 @@ from __future__ import annotations
 import logging
 import signal
 import sys
-import time
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Iterator, Sequence
 
 from deploy.cli import OneLineParser
-from model_repository.triton_server import TritonPorts, TritonServer, TritonSettings, TritonStartError, free_ports
+from model_repository.triton_server import (TritonPorts, TritonServer, TritonSettings, TritonStartError, free_ports,
+                                            serve_until_interrupted)
 
 log = logging.getLogger(__name__)
 
@@ -83,16 +83,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{len(servers)} replicas ready; client target: {grpc_targets(servers)}", flush=True)
             for s in servers:
                 print(f"  grpc {s.grpc_url}  metrics {s.metrics_url}", flush=True)
-            try:
-                while all(s.process.poll() is None for s in servers):
-                    time.sleep(0.5)
-            except KeyboardInterrupt:
-                print("stopping replicas ...", flush=True)
-                return 0
-            dead = [s for s in servers if s.process.poll() is not None]
-            print(f"error: replica {dead[0].grpc_url} exited with code {dead[0].process.returncode}:\n"
-                  f"{dead[0].log_tail()}", file=sys.stderr)
-            return 1
+            return serve_until_interrupted(servers, "stopping replicas ...")
     except TritonStartError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -19,7 +19,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 from model_repository import spec
 
@@ -211,6 +211,21 @@ class TritonServer:
         return self.process.returncode
 
 
+def serve_until_interrupted(servers: Sequence[TritonServer], stopping: str) -> int:
+    """Block until Ctrl-C (0; the callers' context managers then stop the servers) or until a
+    server exits on its own (1, with its log tail on stderr): the foreground loop of the serve CLIs."""
+    try:
+        while all(s.process.poll() is None for s in servers):
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        print(stopping, flush=True)
+        return 0
+    dead = next(s for s in servers if s.process.poll() is not None)
+    print(f"error: tritonserver {dead.grpc_url} exited with code {dead.process.returncode}:\n{dead.log_tail()}",
+          file=sys.stderr)
+    return 1
+
+
 @contextmanager
 def run_triton_server(repository: Path, ports: TritonPorts | None = None, **kwargs) -> Iterator[TritonServer]:
     """Start Triton on free loopback ports (unless given), wait until ready, always stop it."""
@@ -242,15 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with run_triton_server(args.repository, ports=ports, host=args.host, log_file=args.log_file) as server:
             print(f"search_rank ready: grpc {server.grpc_url}, metrics {server.metrics_url} (Ctrl-C stops)", flush=True)
-            try:
-                while server.process.poll() is None:
-                    time.sleep(0.5)
-            except KeyboardInterrupt:
-                print("stopping tritonserver ...", flush=True)
-                return 0
-            print(f"error: tritonserver exited with code {server.process.returncode}:\n{server.log_tail()}",
-                  file=sys.stderr)
-            return 1
+            return serve_until_interrupted([server], "stopping tritonserver ...")
     except TritonStartError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
