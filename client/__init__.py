@@ -8,6 +8,7 @@ call that finds a replica gone (UNAVAILABLE) is retried within its deadline, cou
 from __future__ import annotations
 
 import logging
+import random
 import threading
 import time
 from dataclasses import dataclass, field
@@ -38,38 +39,91 @@ class InvalidRequest(SearchError):
     """The server refused the request as malformed (INVALID_ARGUMENT); retrying cannot help."""
 
 
+# A request the server refused as malformed, too large, unauthenticated or past its own deadline
+# fails the same way on every replica: retrying only adds load.
+NEVER_RETRIED = ("INVALID_ARGUMENT", "RESOURCE_EXHAUSTED", "UNAUTHENTICATED", "PERMISSION_DENIED",
+                 "DEADLINE_EXCEEDED", "UNIMPLEMENTED")
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
     """Retry what another replica can answer; ranking is read-only, so a repeat is harmless.
 
-    UNAVAILABLE: the replica is gone or its connection dropped. NOT_FOUND: a stopping Triton keeps
-    its gRPC port open while it unloads models during --exit-timeout-secs and answers "search_rank
-    has no available versions"; measured here, a graceful stop of one of two replicas under load
-    failed about 230 calls in 3.7 s without this. Attempts share the call's deadline; round_robin
-    sends each attempt to the next replica, so the first retry does not wait.
+    UNAVAILABLE: the replica is gone, its connection dropped, or its queue is full. NOT_FOUND: a
+    stopping Triton keeps its gRPC port open while it unloads models during --exit-timeout-secs and
+    answers "search_rank has no available versions"; measured here, a graceful stop of one of two
+    replicas under load failed about 230 calls in 3.7 s without this. Attempts share the call's
+    deadline; round_robin sends each attempt to the next replica, so the first retry does not
+    wait; later ones back off exponentially with jitter, so clients that failed together do not
+    retry together. A `RetryBudget` shared by the client's calls stops retries altogether while
+    most calls fail (an overloaded or dead service is not helped by twice the traffic).
     """
 
     max_attempts: int = 3
     backoff_s: float = 0.05  # before the 2nd retry; doubled after each further one
+    max_backoff_s: float = 1.0
+    jitter: float = 0.5  # a pause is drawn uniformly from [(1 - jitter) * p, p]
     retry_on: tuple[str, ...] = ("UNAVAILABLE", "NOT_FOUND")
+    budget_tokens: float = 10.0  # RetryBudget: see there; 0 disables the budget
+    # gRPC suggests 0.1 for services where failures are rare. Here one draining replica of two fails
+    # a third of all attempts for the whole exit timeout, and those retries must go through; 1.0
+    # keeps retrying while at least about half of the attempts succeed, and stops in an outage.
+    budget_token_ratio: float = 1.0
 
-    def pause_s(self, attempt: int) -> float:
+    def __post_init__(self):
+        if self.max_attempts < 1:
+            raise ValueError(f"max_attempts must be >= 1, got {self.max_attempts}")
+        if not 0.0 <= self.jitter <= 1.0:
+            raise ValueError(f"jitter must be in [0, 1], got {self.jitter}")
+        refused = sorted(set(self.retry_on) & set(NEVER_RETRIED))
+        if refused:
+            raise ValueError(f"{refused} can never succeed on a retry; remove them from retry_on")
+
+    def pause_s(self, attempt: int, rng: random.Random | None = None) -> float:
         """Pause after failed attempt number `attempt` (1-based)."""
-        return 0.0 if attempt <= 1 else self.backoff_s * 2 ** (attempt - 2)
+        if attempt <= 1:
+            return 0.0
+        p = min(self.backoff_s * 2 ** (attempt - 2), self.max_backoff_s)
+        return p * (1.0 - self.jitter * (rng or random).random())
+
+
+class RetryBudget:
+    """gRPC's retry throttling: a token bucket of `max_tokens`, minus 1 per retryable failure,
+    plus `token_ratio` per success; retries are allowed only while more than half is left. Retries
+    stop after ~5 failures in a row and come back once successes refill the bucket, so a dead or
+    overloaded service gets its callers' traffic once, not `max_attempts` times."""
+
+    def __init__(self, max_tokens: float = 10.0, token_ratio: float = 1.0):
+        self.max_tokens, self.token_ratio = max_tokens, token_ratio
+        self.tokens = max_tokens
+        self._lock = threading.Lock()
+
+    def record(self, success: bool) -> None:
+        with self._lock:
+            if success:
+                self.tokens = min(self.max_tokens, self.tokens + self.token_ratio)
+            else:
+                self.tokens = max(0.0, self.tokens - 1.0)
+
+    def allows_retry(self) -> bool:
+        with self._lock:
+            return self.max_tokens <= 0 or self.tokens > self.max_tokens / 2
 
 
 @dataclass
 class CallStats:
     calls: int = 0
     retries: int = 0  # extra attempts after a retryable failure
+    throttled: int = 0  # retryable failures not retried because the retry budget was spent
     failures: int = 0  # calls that raised after all attempts
     by_code: dict[str, int] = field(default_factory=dict)  # failures by gRPC status
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
-    def add(self, retries: int, failed_code: str | None) -> None:
+    def add(self, retries: int, failed_code: str | None, throttled: bool = False) -> None:
         with self._lock:
             self.calls += 1
             self.retries += retries
+            self.throttled += int(throttled)
             if failed_code is not None:
                 self.failures += 1
                 self.by_code[failed_code] = self.by_code.get(failed_code, 0) + 1
@@ -113,6 +167,7 @@ class SearchClient:
         self.timeout_s = timeout_s
         self.retry = retry
         self.stats = CallStats()
+        self.budget = RetryBudget(retry.budget_tokens, retry.budget_token_ratio)
         self._grpc = grpcclient.InferenceServerClient(self.url, channel_args=channel_args(channel))
 
     def __enter__(self) -> "SearchClient":
@@ -135,14 +190,19 @@ class SearchClient:
                                           client_timeout=max(deadline - time.monotonic(), 0.001))
             except InferenceServerException as exc:
                 error = _wrap(exc)
+                retryable = error.code in self.retry.retry_on
+                if retryable:
+                    self.budget.record(success=False)
                 pause = self.retry.pause_s(attempt)
-                if (error.code not in self.retry.retry_on or attempt >= self.retry.max_attempts
+                throttled = retryable and not self.budget.allows_retry()
+                if (not retryable or throttled or attempt >= self.retry.max_attempts
                         or time.monotonic() + pause >= deadline):
-                    self.stats.add(attempt - 1, error.code)
+                    self.stats.add(attempt - 1, error.code, throttled)
                     raise error from None
                 log.debug("%s on attempt %d, retrying in %.2f s: %s", model, attempt, pause, error.message)
                 time.sleep(pause)
                 continue
+            self.budget.record(success=True)
             self.stats.add(attempt - 1, None)
             return [result.as_numpy(t.name) for t in outputs]
 
