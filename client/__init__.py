@@ -18,7 +18,7 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from client.channel import ChannelSettings, channel_args, grpc_target
+from client.channel import ChannelSettings, ClientTls, channel_args, grpc_target
 from model_repository import spec
 
 log = logging.getLogger(__name__)
@@ -162,13 +162,15 @@ class SearchClient:
     """`url`: "host:port", "dns:///name:port", "a:port,b:port" or a list of addresses."""
 
     def __init__(self, url: str | Sequence[str] = DEFAULT_URL, timeout_s: float = 2.0,
-                 retry: RetryPolicy = RetryPolicy(), channel: ChannelSettings = ChannelSettings()):
+                 retry: RetryPolicy = RetryPolicy(), channel: ChannelSettings = ChannelSettings(),
+                 tls: ClientTls | None = None):
         self.url = grpc_target(url)
         self.timeout_s = timeout_s
         self.retry = retry
         self.stats = CallStats()
         self.budget = RetryBudget(retry.budget_tokens, retry.budget_token_ratio)
-        self._grpc = grpcclient.InferenceServerClient(self.url, channel_args=channel_args(channel))
+        self._grpc = grpcclient.InferenceServerClient(self.url, channel_args=channel_args(channel),
+                                                      **(tls.client_kwargs() if tls else {}))
 
     def __enter__(self) -> "SearchClient":
         return self

@@ -19,6 +19,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 # tritonclient's own defaults, kept because passing channel_args replaces all of them: Triton
@@ -88,3 +89,27 @@ def channel_args(settings: ChannelSettings = ChannelSettings()) -> list[tuple[st
         ("grpc.lb_policy_name", settings.lb_policy),
         ("grpc.dns_min_time_between_resolutions_ms", settings.dns_min_resolution_interval_ms),
     ]
+
+
+@dataclass(frozen=True)
+class ClientTls:
+    """TLS for the gRPC channel: the CA the server's certificate must chain to, and for mutual
+    TLS the client's own certificate chain and key (PEM files)."""
+
+    ca: Path
+    cert: Path | None = None
+    key: Path | None = None
+
+    def __post_init__(self):
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("a client certificate needs its key and the other way round (--tls-cert with --tls-key)")
+        for name in ("ca", "cert", "key"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"TLS {name} file not found: {path}")
+
+    def client_kwargs(self) -> dict:
+        """tritonclient.grpc.InferenceServerClient's TLS arguments (it reads the files itself)."""
+        return {"ssl": True, "root_certificates": str(self.ca),
+                "certificate_chain": None if self.cert is None else str(self.cert),
+                "private_key": None if self.key is None else str(self.key)}

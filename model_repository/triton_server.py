@@ -39,6 +39,30 @@ class TritonPorts:
     metrics: int = 8002
 
 
+@dataclass(frozen=True)
+class GrpcTls:
+    """TLS on the gRPC endpoint (PEM files). With `client_ca`, mutual TLS: a client must present a
+    certificate signed by it. HTTP (probes, metrics) stays plain: bind it to loopback or a pod
+    network that only the kubelet and Prometheus reach."""
+
+    cert: Path
+    key: Path
+    client_ca: Path | None = None
+
+    def __post_init__(self):
+        for name in ("cert", "key", "client_ca"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"TLS {name} file not found: {path}")
+
+    def flags(self) -> list[str]:
+        out = ["--grpc-use-ssl=true", f"--grpc-server-cert={Path(self.cert).resolve()}",
+               f"--grpc-server-key={Path(self.key).resolve()}"]
+        if self.client_ca is not None:
+            out += ["--grpc-use-ssl-mutual=true", f"--grpc-root-cert={Path(self.client_ca).resolve()}"]
+        return out
+
+
 @dataclass
 class TritonSettings:
     repository: Path
@@ -54,6 +78,7 @@ class TritonSettings:
     gpu_metrics: bool = False
     # None: the binary inside the nvidia-pytriton wheel (the CPU default).
     binary: Path | None = None
+    tls: GrpcTls | None = None
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -110,6 +135,7 @@ def server_command(settings: TritonSettings, backend_dir: Path) -> list[str]:
         "--exit-on-error=true", "--strict-readiness=true",
         # The repository is fixed at start: nothing may load or unload models behind the probes.
         "--model-control-mode=none", f"--exit-timeout-secs={settings.exit_timeout_s}",
+        *(settings.tls.flags() if settings.tls else []),
     ]
 
 
@@ -161,38 +187,60 @@ class TritonServer:
         self.process = subprocess.Popen(cmd, stdout=self._log_handle, stderr=subprocess.STDOUT, env=server_env(),
                                         stdin=subprocess.DEVNULL)
 
-    def wait_ready(self) -> None:
-        import tritonclient.grpc as grpcclient
+    @property
+    def http_url(self) -> str:
+        return f"http://{self.settings.host}:{self.settings.ports.http}"
 
-        deadline = time.monotonic() + self.settings.startup_timeout_s
-        client = grpcclient.InferenceServerClient(self.grpc_url)
+    def _ready_over_http(self) -> bool:
+        import urllib.error
+        import urllib.request
+
         try:
-            while True:
-                if self.process is None or self.process.poll() is not None:
-                    code = None if self.process is None else self.process.returncode
-                    raise TritonStartError(f"tritonserver exited with code {code} before it was ready:\n"
-                                           f"{self.log_tail()}")
-                try:
-                    if all(client.is_model_ready(e) for e in (spec.SEARCH_RANK, spec.TEXT_EMBED)):
-                        break
-                except Exception:  # not listening yet
-                    pass
-                if time.monotonic() > deadline:
-                    raise TritonStartError(f"tritonserver not ready after {self.settings.startup_timeout_s:.0f} s:\n"
-                                           f"{self.log_tail()}")
-                time.sleep(0.25)
-        finally:
-            client.close()
+            for model in (spec.SEARCH_RANK, spec.TEXT_EMBED):
+                with urllib.request.urlopen(f"{self.http_url}/v2/models/{model}/ready", timeout=2) as r:
+                    if r.status != 200:
+                        return False
+            return True
+        except (urllib.error.URLError, OSError):  # not listening yet, or 400 "not ready"
+            return False
+
+    def wait_ready(self) -> None:
+        # Probed over HTTP (on the launcher's own loopback), like the Kubernetes probes: the gRPC
+        # endpoint may require a client certificate the launcher does not hold.
+        deadline = time.monotonic() + self.settings.startup_timeout_s
+        while not self._ready_over_http():
+            if self.process is None or self.process.poll() is not None:
+                code = None if self.process is None else self.process.returncode
+                raise TritonStartError(f"tritonserver exited with code {code} before it was ready:\n"
+                                       f"{self.log_tail()}")
+            if time.monotonic() > deadline:
+                raise TritonStartError(f"tritonserver not ready after {self.settings.startup_timeout_s:.0f} s:\n"
+                                       f"{self.log_tail()}")
+            time.sleep(0.25)
         if self.settings.warm:
             self._warm()
 
     def _warm(self) -> None:
-        # Ids need not exist: unknown candidates take the cold-start path, which is still a full pass.
-        from client import SearchClient
+        """One full pass through each ensemble (KServe v2 JSON over HTTP, so it works whatever
+        TLS the gRPC endpoint requires). Ids need not exist: unknown candidates take the
+        cold-start path, which is still a full pass."""
+        import json
+        import urllib.request
 
-        with SearchClient(self.grpc_url, timeout_s=30.0) as c:
-            c.rank("warm up the search ranking path", user_id=0, candidate_ids=list(range(1, 101)))
-            c.embed("warm up the text embedding path")
+        def tensor(t: spec.Tensor, data: list) -> dict:
+            return {"name": t.name, "datatype": t.dtype, "shape": [len(data)], "data": data}
+
+        calls = {
+            spec.SEARCH_RANK: [tensor(spec.QUERY, ["warm up the search ranking path"]), tensor(spec.USER_ID, [0]),
+                               tensor(spec.CANDIDATE_IDS, list(range(1, 101)))],
+            spec.TEXT_EMBED: [tensor(spec.TEXT, ["warm up the text embedding path"])],
+        }
+        for model, inputs in calls.items():
+            body = json.dumps({"inputs": inputs}).encode()
+            request = urllib.request.Request(f"{self.http_url}/v2/models/{model}/infer", data=body,
+                                             headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(request, timeout=60) as r:
+                r.read()
 
     def stop(self, timeout_s: float = 30.0) -> int | None:
         if self.process is None:
@@ -251,11 +299,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--grpc-port", type=int, default=d.grpc)
     p.add_argument("--metrics-port", type=int, default=d.metrics)
     p.add_argument("--log-file", type=Path, help="tritonserver log (default: a temporary file)")
+    p.add_argument("--grpc-tls-cert", type=Path, help="TLS on gRPC: the server's PEM certificate chain")
+    p.add_argument("--grpc-tls-key", type=Path, help="TLS on gRPC: the server's PEM private key")
+    p.add_argument("--grpc-tls-client-ca", type=Path,
+                   help="mutual TLS: clients must present a certificate signed by this PEM CA")
     args = p.parse_args(argv)
+    tls = None
+    if args.grpc_tls_cert or args.grpc_tls_key or args.grpc_tls_client_ca:
+        if not (args.grpc_tls_cert and args.grpc_tls_key):
+            p.error("TLS needs both --grpc-tls-cert and --grpc-tls-key")
+        try:
+            tls = GrpcTls(args.grpc_tls_cert, args.grpc_tls_key, args.grpc_tls_client_ca)
+        except ValueError as e:
+            p.error(str(e))
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     ports = TritonPorts(http=args.http_port, grpc=args.grpc_port, metrics=args.metrics_port)
     try:
-        with run_triton_server(args.repository, ports=ports, host=args.host, log_file=args.log_file) as server:
+        with run_triton_server(args.repository, ports=ports, host=args.host, log_file=args.log_file,
+                               tls=tls) as server:
             print(f"search_rank ready: grpc {server.grpc_url}, metrics {server.metrics_url} (Ctrl-C stops)", flush=True)
             return serve_until_interrupted([server], "stopping tritonserver ...")
     except TritonStartError as e:

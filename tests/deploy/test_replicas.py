@@ -117,12 +117,13 @@ def _load_with_one_replica_stopped(servers, stop_replica, threads: int = 3, befo
     }
 
 
-def _check(report: dict) -> None:
+def _check(report: dict, expect_retries: bool = True) -> None:
     print(f"\nreplica test: {report}")
     before = report["served_before_stop"]
     # round_robin: both replicas get a fair share while both are up (each well above a third).
     assert min(before) > 0.33 * sum(before), before
-    assert report["retries"] > 0, "the client never saw the replica go away: the test proved nothing"
+    if expect_retries:
+        assert report["retries"] > 0, "the client never saw the replica go away: the test proved nothing"
     # Bounded by the retry policy: a failure needs every attempt of one call to miss.
     assert report["failures"] <= 0.01 * report["calls"], report
     # After the stop, everything that succeeded was served by the survivor.
@@ -150,7 +151,13 @@ def test_survives_a_killed_replica(ci_repository):
         server.process.wait()
 
     with run_replicas(ci_repository, 2) as servers:
-        _check(_load_with_one_replica_stopped(servers, kill))
+        report = _load_with_one_replica_stopped(servers, kill)
+        assert servers[1].process.returncode is not None
+        # A killed process resets its connections at once: gRPC usually drops the subchannel
+        # before any call is sent to it, so a retry happens only when a call was in flight at
+        # the kill (0 to 2 seen here). What must hold is that nothing failed beyond the policy's
+        # bound and the survivor took over.
+        _check(report, expect_retries=False)
 
 
 @pytest.mark.unit
