@@ -28,7 +28,8 @@ help:
 	@echo "make encoder-frontier [POINTS=0.5:0,0.35:2]   pruning budget vs fidelity vs speed (docs/encoder_frontier.md)"
 	@echo "make serve    serve $(REPOSITORY) on ports $(HTTP_PORT)/$(GRPC_PORT)/$(METRICS_PORT) until Ctrl-C"
 	@echo "              REPLICAS=N: N servers (ports +10 each); prints the balanced client target"
-	@echo "              TLS_CERT=server.pem TLS_KEY=server.key [TLS_CLIENT_CA=ca.pem for mutual TLS]: gRPC over TLS"
+	@echo "              TLS_CERT=server.pem TLS_KEY=server.key [TLS_CLIENT_CA=ca.pem for mutual TLS]: gRPC over TLS;"
+	@echo "              ADMIN_KEY_FILE=key.txt: admin endpoints need that key (docs/deploy.md)"
 	@echo "make bench    search_rank latency (100 and 1000 candidates) against a fresh local server"
 	@echo "make bench-perf-analyzer   the same, cross-checked with Triton's perf_analyzer"
 	@echo "make bench-ranker   ranker AUCs (ground truth, FP32, compressed) and ORT latency at 100/1000 candidates,"
@@ -69,7 +70,7 @@ ifeq ($(REPLICAS),1)
 	$(PY) -m model_repository.triton_server --repository $(REPOSITORY) --host $(HOST) \
 		--grpc-port $(GRPC_PORT) --http-port $(HTTP_PORT) --metrics-port $(METRICS_PORT) \
 		$(if $(TLS_CERT),--grpc-tls-cert $(TLS_CERT) --grpc-tls-key $(TLS_KEY)) \
-		$(if $(TLS_CLIENT_CA),--grpc-tls-client-ca $(TLS_CLIENT_CA))
+		$(if $(TLS_CLIENT_CA),--grpc-tls-client-ca $(TLS_CLIENT_CA)) $(if $(ADMIN_KEY_FILE),--admin-key-file $(ADMIN_KEY_FILE))
 else
 	$(PY) -m deploy.replicas --repository $(REPOSITORY) --replicas $(REPLICAS) --host $(HOST) --base-port $(HTTP_PORT)
 endif

@@ -39,6 +39,13 @@ class TritonPorts:
     metrics: int = 8002
 
 
+ADMIN_KEY_HEADER = "admin-key"
+# Triton expects restricted-protocol headers on gRPC under this prefix (HTTP takes the name as is);
+# a request without it is answered UNAVAILABLE "This protocol is restricted".
+ADMIN_KEY_GRPC_HEADER = f"triton-grpc-protocol-{ADMIN_KEY_HEADER}"
+ADMIN_PROTOCOLS = ("model-repository", "shared-memory", "trace", "logging")
+
+
 @dataclass(frozen=True)
 class GrpcTls:
     """TLS on the gRPC endpoint (PEM files). With `client_ca`, mutual TLS: a client must present a
@@ -79,6 +86,10 @@ class TritonSettings:
     # None: the binary inside the nvidia-pytriton wheel (the CPU default).
     binary: Path | None = None
     tls: GrpcTls | None = None
+    # Admin endpoints (repository index and load/unload, shared memory, trace and log settings)
+    # answer only requests carrying this value in the ADMIN_KEY_HEADER header, on gRPC and HTTP.
+    # Load/unload stay refused either way (--model-control-mode=none); None leaves them open.
+    admin_key: str | None = None
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -136,6 +147,9 @@ def server_command(settings: TritonSettings, backend_dir: Path) -> list[str]:
         # The repository is fixed at start: nothing may load or unload models behind the probes.
         "--model-control-mode=none", f"--exit-timeout-secs={settings.exit_timeout_s}",
         *(settings.tls.flags() if settings.tls else []),
+        *([f"--grpc-restricted-protocol={','.join(ADMIN_PROTOCOLS)}:{ADMIN_KEY_HEADER}={settings.admin_key}",
+           f"--http-restricted-api={','.join(ADMIN_PROTOCOLS)}:{ADMIN_KEY_HEADER}={settings.admin_key}"]
+          if settings.admin_key else []),
     ]
 
 
@@ -303,7 +317,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--grpc-tls-key", type=Path, help="TLS on gRPC: the server's PEM private key")
     p.add_argument("--grpc-tls-client-ca", type=Path,
                    help="mutual TLS: clients must present a certificate signed by this PEM CA")
+    p.add_argument("--admin-key-file", type=Path,
+                   help=f"restrict the admin endpoints ({', '.join(ADMIN_PROTOCOLS)}) to requests with this "
+                        f"file's content in the {ADMIN_KEY_HEADER!r} header (read from a file to keep it out of shell "
+                        f"history; tritonserver still receives it as an argument)")
     args = p.parse_args(argv)
+    admin_key = None
+    if args.admin_key_file:
+        if not args.admin_key_file.is_file():
+            p.error(f"--admin-key-file {args.admin_key_file}: no such file")
+        admin_key = args.admin_key_file.read_text().strip()
+        if not admin_key or any(c in admin_key for c in ",:= \n"):
+            p.error("--admin-key-file must hold one non-empty key without ',', ':', '=' or whitespace")
     tls = None
     if args.grpc_tls_cert or args.grpc_tls_key or args.grpc_tls_client_ca:
         if not (args.grpc_tls_cert and args.grpc_tls_key):
@@ -316,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     ports = TritonPorts(http=args.http_port, grpc=args.grpc_port, metrics=args.metrics_port)
     try:
         with run_triton_server(args.repository, ports=ports, host=args.host, log_file=args.log_file,
-                               tls=tls) as server:
+                               tls=tls, admin_key=admin_key) as server:
             print(f"search_rank ready: grpc {server.grpc_url}, metrics {server.metrics_url} (Ctrl-C stops)", flush=True)
             return serve_until_interrupted([server], "stopping tritonserver ...")
     except TritonStartError as e:
