@@ -189,6 +189,17 @@ BAD_RAW = {
     "top_k as INT64": (dict(TOP_K=("INT64", np.array([3], dtype=np.int64))), "TOP_K"),
     "missing query": (dict(QUERY=None), "QUERY"),
     "missing candidates": (dict(CANDIDATE_IDS=None), "CANDIDATE_IDS"),
+    "missing user id": (dict(USER_ID=None), "USER_ID"),
+    "query as FP32": (dict(QUERY=("FP32", np.array([1.0], dtype=np.float32))), "QUERY"),
+    "user id as INT32": (dict(USER_ID=("INT32", np.array([1], dtype=np.int32))), "USER_ID"),
+    "candidates as UINT64": (dict(CANDIDATE_IDS=("UINT64", np.array([1, 2], dtype=np.uint64))), "CANDIDATE_IDS"),
+    "no query value": (dict(QUERY=("BYTES", np.array([], dtype=np.object_))), "QUERY"),
+    "user id 2-D": (dict(USER_ID=("INT64", np.array([[1]], dtype=np.int64))), "USER_ID"),
+    "two top_k values": (dict(TOP_K=("INT32", np.array([1, 2], dtype=np.int32))), "TOP_K"),
+    "extra tensor": (dict(EXTRA=("INT64", np.array([1], dtype=np.int64))), "EXTRA"),
+    # far above MAX_QUERY_BYTES but inside gRPC's message limit: refused by the tokenizer, not by
+    # the transport, and the server keeps its memory (the next test call must still work)
+    "32 MiB query": (dict(QUERY=("BYTES", np.array([b"a" * (32 << 20)], dtype=np.object_))), "QUERY"),
 }
 
 
@@ -203,6 +214,21 @@ def test_malformed_tensors_are_invalid_argument(triton, search_client, case):
         raw.close()
     assert "INVALID_ARGUMENT" in str(err.value.status())
     assert tensor in err.value.message()
+    _good_call(search_client)
+
+
+def test_missing_required_tensor_beside_top_k_is_invalid_argument(triton, search_client):
+    """With the optional TOP_K present, Triton's input-count check passes and the ensemble stops
+    with "unexpected deadlock" instead of naming the missing tensor (a Triton limitation; the
+    code is still INVALID_ARGUMENT and the server stays healthy)."""
+    raw = grpcclient.InferenceServerClient(triton.grpc_url)
+    try:
+        with pytest.raises(InferenceServerException) as err:
+            raw.infer(spec.SEARCH_RANK, _raw_inputs(USER_ID=None, TOP_K=("INT32", np.array([2], dtype=np.int32))),
+                      client_timeout=30)
+    finally:
+        raw.close()
+    assert "INVALID_ARGUMENT" in str(err.value.status())
     _good_call(search_client)
 
 
