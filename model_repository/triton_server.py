@@ -198,8 +198,10 @@ class TritonServer:
         self._log_handle = open(self._log_path, "w")
         cmd = server_command(self.settings, prepare_backends())
         log.info("starting tritonserver (grpc %s, log %s)", self.grpc_url, self._log_path)
+        # Its own process group: the python-backend stubs it spawns join it, so stop() and kill()
+        # can reach them too (a SIGKILLed tritonserver otherwise leaves its stubs running).
         self.process = subprocess.Popen(cmd, stdout=self._log_handle, stderr=subprocess.STDOUT, env=server_env(),
-                                        stdin=subprocess.DEVNULL)
+                                        stdin=subprocess.DEVNULL, start_new_session=True)
 
     @property
     def http_url(self) -> str:
@@ -267,10 +269,24 @@ class TritonServer:
                 log.warning("tritonserver did not stop after SIGINT within %.0f s; killing it", timeout_s)
                 self.process.kill()
                 self.process.wait()
+        self._kill_group()
         if self._log_handle is not None:
             self._log_handle.close()
         log.info("tritonserver stopped (exit code %s)", self.process.returncode)
         return self.process.returncode
+
+    def kill(self) -> None:
+        """SIGKILL the server and its backend stubs at once (a crash, for fault tests)."""
+        if self.process is not None:
+            self._kill_group()
+            self.process.wait()
+
+    def _kill_group(self) -> None:
+        # After a clean exit the group is empty; after a crash or a timeout it holds orphaned stubs.
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
 
 
 def serve_until_interrupted(servers: Sequence[TritonServer], stopping: str) -> int:
