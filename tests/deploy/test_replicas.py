@@ -116,6 +116,7 @@ def _load_with_one_replica_stopped(servers, stop_replica, threads: int = 3, befo
         "failures_by_code": {k: sum(c.stats.by_code.get(k, 0) for c in clients)
                              for k in {k for c in clients for k in c.stats.by_code}},
         "ok_after_stop": sum(ok_after), "survivor_after_stop": _served(servers[0]) - survivor_at_stop,
+        "threads": threads,
     }
 
 
@@ -128,8 +129,10 @@ def _check(report: dict, expect_retries: bool = True) -> None:
         assert report["retries"] > 0, "the client never saw the replica go away: the test proved nothing"
     # Bounded by the retry policy: a failure needs every attempt of one call to miss.
     assert report["failures"] <= 0.01 * report["calls"], report
-    # After the stop, everything that succeeded was served by the survivor.
-    assert report["survivor_after_stop"] >= report["ok_after_stop"] > 0
+    # After the stop, everything that succeeded was served by the survivor. A call the survivor
+    # answered just before its counter was read can reach its client after the stop was marked:
+    # at most one such call per client thread.
+    assert report["survivor_after_stop"] + report["threads"] >= report["ok_after_stop"] > 0
 
 
 @pytest.mark.server
