@@ -195,7 +195,8 @@ class TritonServer:
             fd, name = tempfile.mkstemp(prefix="tritonserver-", suffix=".log")
             os.close(fd)
             self._log_path = Path(name)
-        self._log_handle = open(self._log_path, "w")
+        # a restart appends, so the log keeps what happened before it
+        self._log_handle = open(self._log_path, "a" if self._log_handle is not None else "w")
         cmd = server_command(self.settings, prepare_backends())
         log.info("starting tritonserver (grpc %s, log %s)", self.grpc_url, self._log_path)
         # Its own process group: the python-backend stubs it spawns join it, so stop() and kill()
@@ -235,6 +236,37 @@ class TritonServer:
             time.sleep(0.25)
         if self.settings.warm:
             self._warm()
+        self._stubs = self._group_pids()
+
+    def _group_pids(self) -> set[int]:
+        """Processes of the server's group other than tritonserver: its python-backend stubs."""
+        out = set()
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit() or int(entry.name) == self.process.pid:
+                continue
+            try:
+                # fields after "(comm)": state, ppid, pgrp. A killed stub stays a zombie (Triton
+                # does not reap it), so it counts as gone.
+                state, _, pgrp = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:3]
+            except (OSError, IndexError, ValueError):
+                continue
+            if int(pgrp) == self.process.pid and state != "Z":
+                out.add(int(entry.name))
+        return out
+
+    def dead_stubs(self) -> set[int]:
+        """Backend stubs that were running when the server became ready and are gone now. Triton
+        does not restart a dead stub: the model stays "ready" and every request through it fails
+        INTERNAL "Stub process ... is not healthy", so only a restart brings the server back."""
+        return set(getattr(self, "_stubs", set())) - self._group_pids()
+
+    def restart(self) -> None:
+        """Kill (a broken server has nothing worth draining) and start again on the same ports."""
+        self.kill()
+        if self._log_handle is not None:
+            self._log_handle.close()
+        self.start()
+        self.wait_ready()
 
     def _warm(self) -> None:
         """One full pass through each ensemble (KServe v2 JSON over HTTP, so it works whatever
@@ -291,10 +323,18 @@ class TritonServer:
 
 def serve_until_interrupted(servers: Sequence[TritonServer], stopping: str) -> int:
     """Block until Ctrl-C (0; the callers' context managers then stop the servers) or until a
-    server exits on its own (1, with its log tail on stderr): the foreground loop of the serve CLIs."""
+    server exits on its own (1, with its log tail on stderr): the foreground loop of the serve CLIs.
+    A server that lost a backend stub is restarted (see TritonServer.dead_stubs)."""
     try:
         while all(s.process.poll() is None for s in servers):
             time.sleep(0.5)
+            for s in servers:
+                dead = s.dead_stubs()
+                if dead and s.process.poll() is None:
+                    log.error("tritonserver %s lost backend stub(s) %s; restarting it", s.grpc_url, sorted(dead))
+                    started = time.monotonic()
+                    s.restart()
+                    log.info("tritonserver %s serving again after %.1f s", s.grpc_url, time.monotonic() - started)
     except KeyboardInterrupt:
         print(stopping, flush=True)
         return 0
