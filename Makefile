@@ -18,7 +18,7 @@ PYTEST_ARGS ?=
 
 # encoder-frontier: keep-FLOPs/layers vs fidelity vs speed, one table (POINTS=0.5:0,0.35:2,...)
 .PHONY: encoder-frontier help venv models serve demo test test-unit test-server bench bench-perf-analyzer bench-ranker loadtest \
-	loadtest-distributed clean deploy-tools image-bundle image k8s-render
+	loadtest-distributed reliability bench-overload clean deploy-tools image-bundle image k8s-render
 
 help:
 	@echo "make demo     build models, start Triton, rank sample queries, stop"
@@ -32,6 +32,8 @@ help:
 	@echo "              ADMIN_KEY_FILE=key.txt: admin endpoints need that key (docs/deploy.md)"
 	@echo "make bench    search_rank latency (100 and 1000 candidates) against a fresh local server"
 	@echo "make bench-perf-analyzer   the same, cross-checked with Triton's perf_analyzer"
+	@echo "make reliability   overload, stub-kill, restart, hot-swap, cancellation and shutdown scenarios (real servers)"
+	@echo "make bench-overload   3x capacity with and without the queue policy, PASS/FAIL (docs/reliability.md)"
 	@echo "make bench-ranker   ranker AUCs (ground truth, FP32, compressed) and ORT latency at 100/1000 candidates,"
 	@echo "              PASS/FAIL against the targets (docs/ranker_benchmark.md for the default profile);"
 	@echo "              RANKER_BASELINE=1 also trains the first MLP ranker on the same split for comparison"
@@ -86,6 +88,16 @@ test-unit: $(STAMP) deploy-tools
 
 test-server: $(STAMP)
 	$(PY) -m pytest -m server $(PYTEST_ARGS)
+
+# Overload, stub kill, server restart, rolling hot swap, cancellation, graceful shutdown: real servers,
+# each scenario's numbers printed (-s). All of them also run in `make test` (CI), at these sizes.
+reliability: $(STAMP)
+	$(PY) -m pytest -m reliability -s $(PYTEST_ARGS)
+
+# 3x the measured capacity against the served config, then against the same repository without
+# the queue policy: PASS/FAIL on admitted p99 and refusal latency (docs/reliability.md).
+bench-overload: models
+	$(PY) -m loadtests.overload --repository $(REPOSITORY) --compare-unbounded --json build/reports/overload.json
 
 encoder-frontier: $(STAMP)
 	$(PY) -m conversion.encoder_frontier --points $(POINTS) --markdown docs/encoder_frontier.md

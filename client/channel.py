@@ -36,6 +36,10 @@ class ChannelSettings:
     dns_min_resolution_interval_ms: int = 5000
     keepalive_time_ms: int = _INT32_MAX
     keepalive_timeout_ms: int = 20000
+    # Ceiling on gRPC's reconnect backoff to a server that went away (default 120 s, growing 1.6x
+    # from 1 s): with it, a restarted server gets traffic within ~this long of being back, not
+    # after whatever backoff the outage had grown to (tests/model_repository/test_server_restart_server.py).
+    max_reconnect_backoff_ms: int = 1000
 
 
 def _split(addresses: str | Sequence[str]) -> list[str]:
@@ -88,6 +92,8 @@ def channel_args(settings: ChannelSettings = ChannelSettings()) -> list[tuple[st
         ("grpc.keepalive_timeout_ms", settings.keepalive_timeout_ms),
         ("grpc.lb_policy_name", settings.lb_policy),
         ("grpc.dns_min_time_between_resolutions_ms", settings.dns_min_resolution_interval_ms),
+        ("grpc.initial_reconnect_backoff_ms", min(1000, settings.max_reconnect_backoff_ms)),
+        ("grpc.max_reconnect_backoff_ms", settings.max_reconnect_backoff_ms),
     ]
 
 

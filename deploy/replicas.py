@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import signal
 import sys
+import time
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -53,6 +54,33 @@ def run_replicas(repository: Path, n: int, base_port: int | None = None, host: s
             server.wait_ready()
         log.info("%d replicas ready: %s", n, grpc_targets(servers))
         yield servers
+
+
+def replace_replica(old: TritonServer, repository: Path, ports: TritonPorts, settle_s: float = 2.0,
+                    **settings) -> TritonServer:
+    """Roll one replica to a new model version without failing a request, the way the Deployment's
+    RollingUpdate (maxSurge 1, maxUnavailable 0) with readiness probes and a preStop pause does:
+
+    1. start the new version on `ports` beside the old one and wait until it is ready and warm;
+    2. wait `settle_s` so balancing clients connect to it (round_robin picks a subchannel only once
+       it is READY; the client's reconnect backoff is capped at 1 s) -- the preStop pause's role;
+    3. stop the old replica gracefully: calls it admitted finish, new ones fail fast with
+       UNAVAILABLE/NOT_FOUND and the client retries them on the new replica.
+
+    Returns the new server; the caller owns stopping it. If the new one fails to start, the old
+    one keeps serving and TritonStartError propagates.
+    """
+    new = TritonServer(TritonSettings(repository=Path(repository), host=old.settings.host, ports=ports, **settings))
+    try:
+        new.start()
+        new.wait_ready()
+    except BaseException:
+        new.stop()
+        raise
+    time.sleep(settle_s)
+    old.stop()
+    log.info("replica %s replaced by %s (%s)", old.grpc_url, new.grpc_url, repository)
+    return new
 
 
 def _interrupt(signum, frame):

@@ -56,6 +56,14 @@ def model_config(model: spec.Model, extra_parameters: dict[str, str] | None = No
     if model.dynamic_batching is not None:
         cfg.dynamic_batching.max_queue_delay_microseconds = model.dynamic_batching.max_queue_delay_us
         cfg.dynamic_batching.preferred_batch_size.extend(model.dynamic_batching.preferred_batch_size)
+        queue = model.dynamic_batching.queue
+        if queue is not None:
+            policy = cfg.dynamic_batching.default_queue_policy
+            policy.max_queue_size = queue.max_queue_size
+            policy.timeout_action = mc.ModelQueuePolicy.REJECT
+            policy.default_timeout_microseconds = queue.timeout_us
+            # a caller may ask for less (e.g. what is left of its deadline), never for more
+            policy.allow_timeout_override = True
     cfg.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=model.instance_count)
     for key, value in {**model.parameters, **(extra_parameters or {})}.items():
         cfg.parameters[key].string_value = value

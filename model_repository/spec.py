@@ -35,9 +35,36 @@ class Tensor:
 
 
 @dataclass(frozen=True)
+class QueuePolicy:
+    """Admission control on one model's queue (Triton's default_queue_policy, timeout action REJECT).
+
+    An ensemble has no queue of its own: each composing model queues. Under an arrival rate above
+    capacity an unbounded queue makes every request slow until callers hit their deadlines; with a
+    queue timeout, a request that waited `timeout_us` in a model's queue is answered UNAVAILABLE
+    ("Request timeout expired") at once, so admitted requests keep a bounded latency and the rest
+    are refused with a retryable code. Measured in docs/reliability.md (`make bench-overload`).
+
+    A timeout rather than a queue length: on this Triton (2.51, python backend) a queue-full
+    rejection stalled the whole ensemble (at 3x capacity the server sat 70% idle and served a tenth
+    of its capacity), while timeout rejections kept it busy serving at capacity.
+    """
+
+    timeout_us: int
+    # 0: no length limit; the timeout bounds the queue to about arrival rate x timeout anyway.
+    max_queue_size: int = 0
+
+    def __post_init__(self):
+        if self.timeout_us < 1:
+            raise ValueError(f"timeout_us must be >= 1, got {self.timeout_us}")
+        if self.max_queue_size < 0:
+            raise ValueError(f"max_queue_size must be >= 0, got {self.max_queue_size}")
+
+
+@dataclass(frozen=True)
 class DynamicBatching:
     max_queue_delay_us: int = 500
     preferred_batch_size: tuple[int, ...] = ()
+    queue: QueuePolicy | None = None
 
 
 @dataclass(frozen=True)
@@ -141,9 +168,17 @@ def item_embedding(dim: int) -> Tensor:
     return Tensor("ITEM_EMBEDDING", FP32, (dim,))
 
 
-def build_spec(embedding_dim: int, *, encoder_instances: int = 1, ort_threads: int = DEFAULT_ORT_THREADS
-               ) -> PipelineSpec:
-    """The CPU pipeline for an encoder of `embedding_dim` (384 for all-MiniLM-L6-v2)."""
+# 50 ms per queue: a request admitted through the three batching models waits at most ~150 ms
+# in queues, inside the CPU profile's 250 ms p99 target (loadtests/targets.toml). At 3x capacity
+# it measured admitted p99 112 ms and refusals p99 83 ms (docs/reliability.md).
+DEFAULT_QUEUE_POLICY = QueuePolicy(timeout_us=50_000)
+
+
+def build_spec(embedding_dim: int, *, encoder_instances: int = 1, ort_threads: int = DEFAULT_ORT_THREADS,
+               queue_policy: QueuePolicy | None = DEFAULT_QUEUE_POLICY) -> PipelineSpec:
+    """The CPU pipeline for an encoder of `embedding_dim` (384 for all-MiniLM-L6-v2).
+
+    `queue_policy` bounds the queue of every batching model (None: unbounded, as Triton's default)."""
     emb = text_embedding(embedding_dim)
     q_emb = query_embedding(embedding_dim)
     i_emb = item_embedding(embedding_dim)
@@ -155,7 +190,7 @@ def build_spec(embedding_dim: int, *, encoder_instances: int = 1, ort_threads: i
         outputs=(INPUT_IDS, ATTENTION_MASK),
         backend_module="tokenizer",
         max_batch_size=64,
-        dynamic_batching=DynamicBatching(max_queue_delay_us=100),
+        dynamic_batching=DynamicBatching(max_queue_delay_us=100, queue=queue_policy),
         parameters={"seq_buckets": ",".join(map(str, SEQ_BUCKETS)), "max_query_bytes": str(MAX_QUERY_BYTES)},
     )
     encoder = Model(
@@ -164,7 +199,7 @@ def build_spec(embedding_dim: int, *, encoder_instances: int = 1, ort_threads: i
         outputs=(emb,),
         backend_module="encoder",
         max_batch_size=64,
-        dynamic_batching=DynamicBatching(max_queue_delay_us=500),
+        dynamic_batching=DynamicBatching(max_queue_delay_us=500, queue=queue_policy),
         instance_count=encoder_instances,
         parameters=dict(threads),
     )
@@ -193,7 +228,7 @@ def build_spec(embedding_dim: int, *, encoder_instances: int = 1, ort_threads: i
         backend_module="ranker",
         # Several full requests (<= MAX_CANDIDATES rows each) merge into one ORT call.
         max_batch_size=4 * MAX_CANDIDATES,
-        dynamic_batching=DynamicBatching(max_queue_delay_us=300),
+        dynamic_batching=DynamicBatching(max_queue_delay_us=300, queue=queue_policy),
         parameters=dict(threads),
     )
     topk = Model(

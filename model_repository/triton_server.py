@@ -90,6 +90,9 @@ class TritonSettings:
     # answer only requests carrying this value in the ADMIN_KEY_HEADER header, on gRPC and HTTP.
     # Load/unload stay refused either way (--model-control-mode=none); None leaves them open.
     admin_key: str | None = None
+    # Pin the server and its backend stubs to these CPUs (None: all). Benchmarks pin the server to
+    # part of the machine and the load generator to the rest, so one does not steal from the other.
+    cpus: tuple[int, ...] | None = None
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -201,8 +204,10 @@ class TritonServer:
         log.info("starting tritonserver (grpc %s, log %s)", self.grpc_url, self._log_path)
         # Its own process group: the python-backend stubs it spawns join it, so stop() and kill()
         # can reach them too (a SIGKILLed tritonserver otherwise leaves its stubs running).
+        cpus = self.settings.cpus
         self.process = subprocess.Popen(cmd, stdout=self._log_handle, stderr=subprocess.STDOUT, env=server_env(),
-                                        stdin=subprocess.DEVNULL, start_new_session=True)
+                                        stdin=subprocess.DEVNULL, start_new_session=True,
+                                        preexec_fn=None if cpus is None else lambda: os.sched_setaffinity(0, cpus))
 
     @property
     def http_url(self) -> str:

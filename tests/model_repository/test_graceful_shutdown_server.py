@@ -13,7 +13,7 @@ import tritonclient.grpc as grpcclient
 from model_repository import spec
 from model_repository.triton_server import TritonServer, TritonSettings, free_ports
 
-pytestmark = pytest.mark.server
+pytestmark = [pytest.mark.server, pytest.mark.reliability]
 
 
 def _request(k: int) -> list:

@@ -180,6 +180,32 @@ def test_dynamic_batching(configs, model):
     assert cfg.HasField("dynamic_batching")
 
 
+@pytest.mark.parametrize("model", ["tokenizer", "query_encoder", "ctr_ranker"])
+def test_every_batching_model_refuses_what_waited_too_long(configs, model):
+    from model_repository.spec import DEFAULT_QUEUE_POLICY
+
+    policy = configs[model].dynamic_batching.default_queue_policy
+    assert policy.timeout_action == model_config_pb2.ModelQueuePolicy.REJECT
+    assert policy.default_timeout_microseconds == DEFAULT_QUEUE_POLICY.timeout_us > 0
+    # a queue-full rejection stalled the ensemble on this Triton (spec.QueuePolicy): no length cap
+    assert policy.max_queue_size == 0
+    assert policy.allow_timeout_override
+
+
+def test_queue_policy_is_validated_and_can_be_left_out():
+    from model_repository import spec
+    from model_repository.render import model_config
+
+    with pytest.raises(ValueError, match="timeout_us"):
+        spec.QueuePolicy(timeout_us=0)
+    with pytest.raises(ValueError, match="max_queue_size"):
+        spec.QueuePolicy(timeout_us=1000, max_queue_size=-1)
+    unbounded = spec.build_spec(8, queue_policy=None)
+    for m in unbounded.models:
+        if m.dynamic_batching is not None:
+            assert not model_config(m).dynamic_batching.HasField("default_queue_policy")
+
+
 def test_ranker_batch_holds_a_full_request(configs):
     # One request scores up to 1000 candidates as 1000 ranker rows.
     assert configs["ctr_ranker"].max_batch_size >= 1000

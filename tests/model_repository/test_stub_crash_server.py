@@ -18,7 +18,7 @@ from conversion.stages import REPO_ROOT
 from model_repository import spec
 from model_repository.triton_server import free_ports
 
-pytestmark = pytest.mark.server
+pytestmark = [pytest.mark.server, pytest.mark.reliability]
 
 
 def _group_members(pgid: int, pattern: str) -> list[int]:
