@@ -170,6 +170,28 @@ def server_env() -> dict[str, str]:
     return env
 
 
+def backend_stubs(server_pid: int) -> dict[int, str]:
+    """The python-backend stubs tritonserver `server_pid` started (its children): PID -> the state
+    letter from /proc ('Z' for a dead one: Triton does not reap a stub that died)."""
+    out = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            comm, rest = (entry / "stat").read_text().rsplit(")", 1)
+            state, ppid = rest.split()[:2]
+        except (OSError, ValueError):
+            continue
+        # comm is cut to 15 characters: "triton_python_b"
+        if int(ppid) == server_pid and PYTHON_STUB.startswith(comm.split("(", 1)[1]):
+            out[int(entry.name)] = state
+    return out
+
+
+def running_stubs(server_pid: int) -> set[int]:
+    return {pid for pid, state in backend_stubs(server_pid).items() if state != "Z"}
+
+
 class TritonServer:
     def __init__(self, settings: TritonSettings):
         self.settings = settings
@@ -241,29 +263,13 @@ class TritonServer:
             time.sleep(0.25)
         if self.settings.warm:
             self._warm()
-        self._stubs = self._group_pids()
-
-    def _group_pids(self) -> set[int]:
-        """Processes of the server's group other than tritonserver: its python-backend stubs."""
-        out = set()
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit() or int(entry.name) == self.process.pid:
-                continue
-            try:
-                # fields after "(comm)": state, ppid, pgrp. A killed stub stays a zombie (Triton
-                # does not reap it), so it counts as gone.
-                state, _, pgrp = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:3]
-            except (OSError, IndexError, ValueError):
-                continue
-            if int(pgrp) == self.process.pid and state != "Z":
-                out.add(int(entry.name))
-        return out
+        self._stubs = running_stubs(self.process.pid)
 
     def dead_stubs(self) -> set[int]:
         """Backend stubs that were running when the server became ready and are gone now. Triton
         does not restart a dead stub: the model stays "ready" and every request through it fails
         INTERNAL "Stub process ... is not healthy", so only a restart brings the server back."""
-        return set(getattr(self, "_stubs", set())) - self._group_pids()
+        return set(getattr(self, "_stubs", set())) - running_stubs(self.process.pid)
 
     def restart(self) -> None:
         """Kill (a broken server has nothing worth draining) and start again on the same ports."""

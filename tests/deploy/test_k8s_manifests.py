@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import sys
 import urllib.request
 from pathlib import Path
 
@@ -31,7 +32,6 @@ K8S_VERSIONS = ("1.29.0", "1.37.0")
 # are checked by the structural tests below instead.
 CRD_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor")}
 READY_PATH = f"/v2/models/{spec.SEARCH_RANK}/ready"
-LIVE_PATH = "/v2/health/live"
 METRIC = re.compile(r"\b(nv_[a-z_]+)\b")
 
 
@@ -120,10 +120,24 @@ def test_probes_hit_triton_endpoints_on_the_served_ports(rendered, overlay):
     assert settings.host == "0.0.0.0", "probes and Services reach the pod IP, not loopback"
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
     assert ports == {"http": settings.ports.http, "grpc": settings.ports.grpc, "metrics": settings.ports.metrics}
-    for probe, path in (("startupProbe", READY_PATH), ("readinessProbe", READY_PATH), ("livenessProbe", LIVE_PATH)):
+    for probe, path in (("startupProbe", READY_PATH), ("readinessProbe", READY_PATH)):
         get = c[probe]["httpGet"]
         assert get["path"] == path, probe
         assert ports.get(get["port"], get["port"]) == settings.ports.http, f"{probe} is not on Triton's HTTP port"
+    # liveness: the deep probe, on the same port and the repository the entrypoint renders
+    probe_args = _liveness_args(c)
+    assert probe_args.http_url == f"http://127.0.0.1:{settings.ports.http}"
+    assert probe_args.repository == settings.repository
+    assert probe_args.server_pid == 1, "tritonserver is PID 1 (the entrypoint execs it)"
+
+
+def _liveness_args(container: dict):
+    """The liveness exec command, parsed by deploy.probe's own parser (so it must be valid input)."""
+    from deploy import probe
+
+    command = container["livenessProbe"]["exec"]["command"]
+    assert command[:3] == ["python3", "-m", "deploy.probe"], command
+    return probe.build_parser().parse_args(command[3:])
 
 
 @pytest.mark.unit
@@ -304,7 +318,14 @@ def test_autoscaling_signal_from_real_counters(triton):
 @pytest.mark.server
 def test_probe_paths_answer_on_a_real_server(rendered, triton):
     c = _container(rendered["gpu"])
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+    for probe in ("startupProbe", "readinessProbe"):
         url = f"http://{triton.settings.host}:{triton.settings.ports.http}{c[probe]['httpGet']['path']}"
         with urllib.request.urlopen(url, timeout=5) as r:
             assert r.status == 200, probe
+    # the liveness command as written, pointed at this server instead of the pod's PID 1
+    command = c["livenessProbe"]["exec"]["command"]
+    args = [a for a in command[3:] if not a.startswith(("--http-url", "--repository"))]
+    r = subprocess.run([sys.executable, "-m", "deploy.probe", *args, f"--server-pid={triton.process.pid}",
+                        f"--http-url={triton.http_url}", f"--repository={triton.settings.repository}"],
+                       cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.startswith("live:"), r.stderr
