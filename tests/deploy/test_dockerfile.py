@@ -108,7 +108,8 @@ def _copied_sources(dest: Path) -> None:
 def test_copied_code_is_enough_for_the_entrypoint_and_backends(tmp_path):
     src = tmp_path / "src"
     _copied_sources(src)
-    modules = ["deploy.entrypoint", "deploy.bundle", "deploy.engines", "model_repository.render",
+    # deploy.probe: the liveness probe runs inside the container (deploy/k8s)
+    modules = ["deploy.entrypoint", "deploy.probe", "deploy.bundle", "deploy.engines", "model_repository.render",
                "model_repository.runtime", "model_repository.spec"]
     # Backends import triton_python_backend_utils, which only exists inside Triton: check they
     # are present as files, and import everything else from the copied tree only.
