@@ -22,29 +22,19 @@ import os
 import shutil
 import sys
 import tempfile
-import threading
-import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-import grpc
-import numpy as np
-from tqdm import tqdm
-from tritonclient.grpc import service_pb2
-from tritonclient.utils import serialize_byte_tensor
-
-from client.channel import channel_args, grpc_target
 from conversion.stages import build_root
 from loadtests import targets, traffic
+from loadtests.grpc_load import OK, Call, closed_loop, open_loop, percentile, repository_requests
 from model_repository import spec
 from model_repository.render import CONFIG, read_config, write_config
-from model_repository.runtime import served_catalog_dir
 
 log = logging.getLogger(__name__)
 
-OK = "OK"
 # What a caller may retry (elsewhere, or after a pause): the queue-full and queue-timeout answers.
 RETRYABLE = ("UNAVAILABLE",)
 
@@ -62,13 +52,6 @@ class OverloadSettings:
     # "Answered in milliseconds": a refusal may take no longer than the p99 target of an answer
     # (rejecting sooner than the 100 ms queue timeout would need a queue-length limit; spec.QueuePolicy)
     rejection_p99_ms: float = 250.0
-
-
-@dataclass(frozen=True)
-class Call:
-    sent_s: float  # since the start of the phase
-    latency_ms: float
-    code: str  # OK or the gRPC status name
 
 
 @dataclass
@@ -91,112 +74,10 @@ class PhaseReport:
         return all(self.checks.values())
 
 
-def _pct(values: list[float], q: float) -> float | None:
-    return float(np.percentile(values, q)) if values else None
-
-
-INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
-
-
-def _requests(repository: Path, n: int, candidates: int, seed: int) -> list[bytes]:
-    """`n` serialized search_rank ModelInferRequests from the seeded traffic generator.
-
-    Serialized once, sent as bytes: building requests with tritonclient and parsing its responses
-    costs a Python load generator about a core at a few hundred calls/s, which would then be what
-    limits the measurement instead of the server."""
-    mix = traffic.TrafficSettings(embed_share=0.0, size_mix=((candidates, candidates, 1.0),),
-                                  top_k_choices=(10,), top_k_weights=(1.0,))
-    stream = traffic.RequestStream(traffic.CatalogData.load(served_catalog_dir(repository)), mix, seed=seed)
-    out = []
-    for r in stream.take(n):
-        req = service_pb2.ModelInferRequest(model_name=spec.SEARCH_RANK)
-        arrays = {spec.QUERY: serialize_byte_tensor(np.array([r.query.encode()], dtype=np.object_)).item(),
-                  spec.USER_ID: np.array([r.user_id], dtype=np.int64).tobytes(),
-                  spec.CANDIDATE_IDS: r.candidate_ids.astype(np.int64).tobytes(),
-                  spec.TOP_K: np.array([r.top_k], dtype=np.int32).tobytes()}
-        for t, raw in arrays.items():
-            req.inputs.add(name=t.name, datatype=t.dtype, shape=[len(r.candidate_ids) if t is spec.CANDIDATE_IDS else 1])
-            req.raw_input_contents.append(raw)
-        for t in (spec.ITEM_IDS, spec.SCORES):
-            req.outputs.add(name=t.name)
-        out.append(req.SerializeToString())
-    return out
-
-
-@contextmanager
-def _infer_method(target: str) -> Iterator:
-    """ModelInfer on one channel, bytes in and out (responses are not parsed: only the status counts)."""
-    channel = grpc.insecure_channel(grpc_target(target), options=channel_args())
-    try:
-        yield channel.unary_unary(INFER_METHOD, request_serializer=None, response_deserializer=None)
-    finally:
-        channel.close()
-
-
-def _code(future) -> str:
-    e = future.exception()
-    return OK if e is None else e.code().name
-
-
 def measure_capacity(target: str, requests: list[bytes], concurrency: int, seconds: float) -> float:
     """Completed search_rank calls per second with `concurrency` calls always in flight."""
-    done, lock = threading.Event(), threading.Lock()
-    state = {"ok": 0, "next": 0}
-    with _infer_method(target) as infer:
-        def send():
-            with lock:
-                k = state["next"]
-                state["next"] += 1
-            infer.future(requests[k % len(requests)], timeout=30).add_done_callback(finished)
-
-        def finished(future):
-            if _code(future) == OK:
-                with lock:
-                    state["ok"] += 1
-            if not done.is_set():
-                send()
-
-        for _ in range(concurrency):
-            send()
-        time.sleep(1.0)  # let the pipeline fill before counting
-        start, base = time.monotonic(), state["ok"]
-        time.sleep(seconds)
-        rate = (state["ok"] - base) / (time.monotonic() - start)
-        done.set()
-        time.sleep(0.5)
-    return rate
-
-
-def offer(target: str, requests: list[bytes], rate: float, seconds: float, deadline_s: float, seed: int) -> list[Call]:
-    """Open loop: Poisson arrivals at `rate`/s, each call with `deadline_s`; waits for all to end."""
-    rng = np.random.default_rng(seed)
-    calls: list[Call] = []
-    outstanding = threading.Semaphore(0)
-    sent = 0
-    with _infer_method(target) as infer:
-        start = due = time.monotonic()
-
-        def finished(future, sent_at: float) -> None:
-            calls.append(Call(sent_at - start, (time.monotonic() - sent_at) * 1000, _code(future)))
-            outstanding.release()
-
-        with tqdm(total=int(rate * seconds), desc=f"offering {rate:.0f}/s", mininterval=1.0) as bar:
-            while True:
-                due += rng.exponential(1.0 / rate)
-                if due - start >= seconds:
-                    break
-                pause = due - time.monotonic()
-                if pause > 0:
-                    time.sleep(pause)
-                sent_at = time.monotonic()
-                infer.future(requests[sent % len(requests)], timeout=deadline_s).add_done_callback(
-                    lambda f, t=sent_at: finished(f, t))
-                sent += 1
-                bar.update(1)
-        for _ in range(sent):
-            if not outstanding.acquire(timeout=deadline_s + 30):
-                raise RuntimeError(f"{sent - len(calls)} calls never completed, past their {deadline_s} s deadline")
-    return calls
+    calls = closed_loop(target, requests, concurrency, seconds)
+    return sum(c.code == OK for c in calls) / seconds
 
 
 def summarize(name: str, calls: list[Call], offered: float, seconds: float, s: OverloadSettings) -> PhaseReport:
@@ -205,8 +86,8 @@ def summarize(name: str, calls: list[Call], offered: float, seconds: float, s: O
     by_code: dict[str, int] = {}
     for c in calls:
         by_code[c.code] = by_code.get(c.code, 0) + 1
-    r = PhaseReport(name, offered, len(calls), len(ok), len(ok) / seconds, _pct(ok, 50), _pct(ok, 99),
-                    len(rejected), _pct(rejected, 50), _pct(rejected, 99), by_code)
+    r = PhaseReport(name, offered, len(calls), len(ok), len(ok) / seconds, percentile(ok, 50), percentile(ok, 99),
+                    len(rejected), percentile(rejected, 50), percentile(rejected, 99), by_code)
     r.checks = {
         f"admitted p99 <= {2 * s.target_p99_ms:g} ms": bool(ok) and r.admitted_p99_ms <= 2 * s.target_p99_ms,
         f"rejections p99 <= {s.rejection_p99_ms:g} ms": not rejected or r.rejected_p99_ms <= s.rejection_p99_ms,
@@ -231,7 +112,7 @@ def run_phase(name: str, target: str, requests: list, s: OverloadSettings) -> tu
     capacity = measure_capacity(target, requests, s.capacity_clients, s.capacity_s)
     log.info("%s: capacity %.1f search_rank/s (%d closed-loop callers)", name, capacity, s.capacity_clients)
     offered = s.multiple * capacity
-    calls = offer(target, requests, offered, s.duration_s, s.deadline_s, s.seed)
+    calls = open_loop(target, requests, offered, s.duration_s, s.deadline_s, s.seed)
     return capacity, summarize(name, calls, offered, s.duration_s, s)
 
 
@@ -303,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         profile = targets.load_profile(targets.DEFAULT_TARGETS, args.profile)
-        requests = _requests(args.repository, 512, args.candidates, args.seed)
+        requests = repository_requests(args.repository, 512, args.candidates, args.seed)
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

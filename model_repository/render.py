@@ -33,6 +33,9 @@ class Artifacts:
     encoder_dir: Path  # encoder.onnx, tokenizer.json
     catalog_dir: Path  # catalog artifact tables
     ranker_dir: Path  # ranker.onnx
+    # Which ranker file of ranker_dir is served (as ranker.onnx): the compressed default, or e.g.
+    # the stage's FP32 export for a side-by-side comparison (loadtests.side_by_side).
+    ranker_source: str = runtime.RANKER_FILE
 
 
 def _tensor(t: spec.Tensor, cls):
@@ -131,7 +134,7 @@ def model_files(artifacts: Artifacts) -> dict[str, dict[str, Path]]:
         spec.TOKENIZER: {runtime.TOKENIZER_FILE: artifacts.encoder_dir / runtime.TOKENIZER_FILE},
         spec.QUERY_ENCODER: {runtime.ENCODER_FILE: artifacts.encoder_dir / runtime.ENCODER_FILE},
         spec.FEATURE_LOOKUP: {runtime.CATALOG_FOLDER: artifacts.catalog_dir},
-        spec.CTR_RANKER: {runtime.RANKER_FILE: artifacts.ranker_dir / runtime.RANKER_FILE},
+        spec.CTR_RANKER: {runtime.RANKER_FILE: artifacts.ranker_dir / artifacts.ranker_source},
         spec.TOP_K_SELECT: {},
     }
 

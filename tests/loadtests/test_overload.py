@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from conversion.stages import REPO_ROOT
-from loadtests import overload
+from loadtests import grpc_load, overload
 from model_repository.render import read_config
 from model_repository.triton_server import run_triton_server
 
@@ -17,13 +17,13 @@ from model_repository.triton_server import run_triton_server
 @pytest.mark.unit
 def test_summary_judges_admitted_and_refused_calls_separately():
     s = overload.OverloadSettings(target_p99_ms=250, rejection_p99_ms=100)
-    calls = [overload.Call(0.01 * i, 40.0, "OK") for i in range(99)] + [overload.Call(1.0, 60.0, "UNAVAILABLE")]
+    calls = [grpc_load.Call(0.01 * i, 40.0, "OK") for i in range(99)] + [grpc_load.Call(1.0, 60.0, "UNAVAILABLE")]
     r = overload.summarize("x", calls, offered=100, seconds=1.0, s=s)
     assert (r.ok, r.rejected, r.goodput_rps) == (99, 1, 99)
     assert r.passed
-    slow = overload.summarize("x", calls + [overload.Call(1.0, 900.0, "OK")] * 5, 100, 1.0, s)
+    slow = overload.summarize("x", calls + [grpc_load.Call(1.0, 900.0, "OK")] * 5, 100, 1.0, s)
     assert not slow.checks["admitted p99 <= 500 ms"]
-    hung = overload.summarize("x", calls + [overload.Call(1.0, 2000.0, "DEADLINE_EXCEEDED")], 100, 1.0, s)
+    hung = overload.summarize("x", calls + [grpc_load.Call(1.0, 2000.0, "DEADLINE_EXCEEDED")], 100, 1.0, s)
     assert not hung.checks["rejections retryable (UNAVAILABLE)"]
     assert not hung.checks["rejections p99 <= 100 ms"]
 
@@ -62,7 +62,7 @@ def test_cli_refuses_bad_settings():
 def test_three_times_capacity_is_refused_fast_and_admitted_calls_stay_fast(ci_repository):
     s = overload.OverloadSettings(capacity_s=4.0, duration_s=6.0)
     server_cpus, load_cpus = overload.split_cpus()
-    requests = overload._requests(ci_repository, 256, s.candidates, s.seed)
+    requests = grpc_load.repository_requests(ci_repository, 256, s.candidates, s.seed)
     before = os.sched_getaffinity(0)
     try:
         if load_cpus:

@@ -9,7 +9,7 @@ import grpc
 import pytest
 import tritonclient.grpc as grpcclient
 
-from loadtests import overload
+from loadtests import grpc_load, overload
 from model_repository import spec
 from model_repository.triton_server import run_triton_server
 
@@ -26,7 +26,7 @@ def _ranked(client) -> int:
 
 def _burst(url: str, requests: list[bytes], timeout_s: float, cancel_after_s: float | None) -> dict[str, int]:
     codes: dict[str, int] = {}
-    with overload._infer_method(url) as infer:
+    with grpc_load.infer_method(url) as infer:
         futures = [infer.future(r, timeout=timeout_s) for r in requests]
         if cancel_after_s is not None:
             time.sleep(cancel_after_s)
@@ -48,7 +48,7 @@ def test_cancelled_and_expired_calls_are_not_ranked(ci_repository, tmp_path):
     # Without the queue timeout, so that a burst is queued rather than refused: what is measured
     # is cancellation alone.
     repository = overload.without_queue_policy(ci_repository, tmp_path / "model_repository")
-    requests = overload._requests(ci_repository, BURST, spec.MAX_CANDIDATES, seed=5)
+    requests = grpc_load.repository_requests(ci_repository, BURST, spec.MAX_CANDIDATES, seed=5)
     with run_triton_server(repository) as server:
         client = grpcclient.InferenceServerClient(server.grpc_url)
         ranked = {}

@@ -1,0 +1,163 @@
+"""A lean gRPC load engine for benchmarks: serialized KServe v2 requests sent as bytes.
+
+Building requests with tritonclient and parsing its responses cost a Python load generator about
+a core at a few hundred calls/s on this machine, which then limited the measurement instead of the
+server. Here each request is serialized once, responses are not parsed (only the status counts),
+and calls are gRPC futures, so one Python process drives several hundred calls/s on one core.
+
+- `search_rank_requests`: seeded search_rank requests (loadtests.traffic), one candidate count.
+- `closed_loop`: a fixed number of calls always in flight; throughput and latencies.
+- `open_loop`: Poisson arrivals at a fixed rate, whatever the server does; every call's outcome.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import grpc
+import numpy as np
+from tqdm import tqdm
+from tritonclient.grpc import service_pb2
+from tritonclient.utils import serialize_byte_tensor
+
+from client.channel import channel_args, grpc_target
+from loadtests import traffic
+from model_repository import spec
+from model_repository.runtime import served_catalog_dir
+
+OK = "OK"
+INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
+
+
+@dataclass(frozen=True)
+class Call:
+    sent_s: float  # since the start of the run
+    latency_ms: float
+    code: str  # OK or the gRPC status name
+
+
+def search_rank_requests(catalog_dir: Path, n: int, candidates: int, seed: int, top_k: int = 10) -> list[bytes]:
+    """`n` serialized search_rank ModelInferRequests with exactly `candidates` candidates each."""
+    mix = traffic.TrafficSettings(embed_share=0.0, size_mix=((candidates, candidates, 1.0),),
+                                  top_k_choices=(top_k,), top_k_weights=(1.0,))
+    stream = traffic.RequestStream(traffic.CatalogData.load(catalog_dir), mix, seed=seed)
+    return [serialize(r) for r in stream.take(n)]
+
+
+def repository_requests(repository: Path, n: int, candidates: int, seed: int) -> list[bytes]:
+    """The same, from the catalog a rendered repository serves."""
+    return search_rank_requests(served_catalog_dir(repository), n, candidates, seed)
+
+
+def serialize(r: traffic.RankRequest) -> bytes:
+    req = service_pb2.ModelInferRequest(model_name=spec.SEARCH_RANK)
+    arrays = {spec.QUERY: serialize_byte_tensor(np.array([r.query.encode()], dtype=np.object_)).item(),
+              spec.USER_ID: np.array([r.user_id], dtype=np.int64).tobytes(),
+              spec.CANDIDATE_IDS: r.candidate_ids.astype(np.int64).tobytes()}
+    if r.top_k is not None:
+        arrays[spec.TOP_K] = np.array([r.top_k], dtype=np.int32).tobytes()
+    for t, raw in arrays.items():
+        req.inputs.add(name=t.name, datatype=t.dtype, shape=[len(r.candidate_ids) if t is spec.CANDIDATE_IDS else 1])
+        req.raw_input_contents.append(raw)
+    for t in (spec.ITEM_IDS, spec.SCORES):
+        req.outputs.add(name=t.name)
+    return req.SerializeToString()
+
+
+@contextmanager
+def infer_method(target: str) -> Iterator:
+    """ModelInfer on one channel, bytes in and out."""
+    channel = grpc.insecure_channel(grpc_target(target), options=channel_args())
+    try:
+        yield channel.unary_unary(INFER_METHOD, request_serializer=None, response_deserializer=None)
+    finally:
+        channel.close()
+
+
+def _code(future) -> str:
+    e = future.exception()
+    return OK if e is None else e.code().name
+
+
+def closed_loop(target: str, requests: list[bytes], concurrency: int, seconds: float, warmup_s: float = 1.0,
+                deadline_s: float = 30.0) -> list[Call]:
+    """`concurrency` calls always in flight for `seconds` after `warmup_s`; the calls that started
+    inside the measured window."""
+    done, lock = threading.Event(), threading.Lock()
+    calls: list[Call] = []
+    state = {"next": 0, "inflight": 0}
+    idle = threading.Event()
+    with infer_method(target) as infer:
+        start = time.monotonic() + warmup_s
+
+        def send():
+            with lock:
+                k = state["next"]
+                state["next"] += 1
+                state["inflight"] += 1
+            sent_at = time.monotonic()
+            infer.future(requests[k % len(requests)], timeout=deadline_s).add_done_callback(
+                lambda f: finished(f, sent_at))
+
+        def finished(future, sent_at: float) -> None:
+            now = time.monotonic()
+            if sent_at >= start:
+                calls.append(Call(sent_at - start, (now - sent_at) * 1000, _code(future)))
+            with lock:
+                state["inflight"] -= 1
+                if done.is_set() and state["inflight"] == 0:
+                    idle.set()
+            if not done.is_set():
+                send()
+
+        for _ in range(concurrency):
+            send()
+        time.sleep(warmup_s + seconds)
+        done.set()
+        with lock:
+            if state["inflight"] == 0:
+                idle.set()
+        idle.wait(timeout=deadline_s + 5)
+    end = seconds
+    return [c for c in calls if c.sent_s < end]
+
+
+def open_loop(target: str, requests: list[bytes], rate: float, seconds: float, deadline_s: float,
+              seed: int) -> list[Call]:
+    """Poisson arrivals at `rate`/s, each call with `deadline_s`; waits for all to end."""
+    rng = np.random.default_rng(seed)
+    calls: list[Call] = []
+    outstanding = threading.Semaphore(0)
+    sent = 0
+    with infer_method(target) as infer:
+        start = due = time.monotonic()
+
+        def finished(future, sent_at: float) -> None:
+            calls.append(Call(sent_at - start, (time.monotonic() - sent_at) * 1000, _code(future)))
+            outstanding.release()
+
+        with tqdm(total=int(rate * seconds), desc=f"offering {rate:.0f}/s", mininterval=1.0) as bar:
+            while True:
+                due += rng.exponential(1.0 / rate)
+                if due - start >= seconds:
+                    break
+                pause = due - time.monotonic()
+                if pause > 0:
+                    time.sleep(pause)
+                sent_at = time.monotonic()
+                infer.future(requests[sent % len(requests)], timeout=deadline_s).add_done_callback(
+                    lambda f, t=sent_at: finished(f, t))
+                sent += 1
+                bar.update(1)
+        for _ in range(sent):
+            if not outstanding.acquire(timeout=deadline_s + 30):
+                raise RuntimeError(f"{sent - len(calls)} calls never completed, past their {deadline_s} s deadline")
+    return calls
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    return float(np.percentile(values, q)) if values else None

@@ -1,0 +1,415 @@
+"""`make bench`: the bundle against what a team would run instead, same machine, same traffic.
+
+    python -m loadtests.side_by_side                 # default profile, writes docs/BENCHMARKS.md + PNG
+
+Serves the search_rank contract three ways, one after the other, on the same CPUs:
+1. naive: PyTorch FP32 encoder + ranker (transformers, eager) behind a plain gRPC server
+   (loadtests.naive_server), speaking the same KServe v2 protocol;
+2. Triton with the FP32 ONNX models (FP32 encoder export, uncompressed ranker), same ensemble;
+3. Triton with the compressed models (the served default).
+
+Each gets the same seeded requests (1 query + 100 candidates, and + 1000) at every concurrency
+level (closed loop). Measured per service: latency at concurrency 1, throughput at the highest
+level whose p99 stays under the budget (50 ms), server CPU time per request (its process tree
+from /proc), and top-10 agreement with the FP32 pipeline (the naive PyTorch service). Also in the
+same run: the served INT8 encoder's GOP/s as a share of this machine's INT8 GEMM peak (an ONNX
+Runtime MatMulInteger micro-benchmark on the server's CPUs). Targets print PASS/FAIL; exit 1 on FAIL.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import platform
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from conversion.stages import REPO_ROOT, build_root
+from loadtests import traffic
+from loadtests.grpc_load import OK, closed_loop, percentile, search_rank_requests
+from loadtests.overload import split_cpus
+from model_repository import spec
+
+log = logging.getLogger(__name__)
+
+NAIVE, TRITON_FP32, TRITON_COMPRESSED = "naive PyTorch FP32", "Triton FP32 ONNX", "Triton compressed"
+SERVICES = (NAIVE, TRITON_FP32, TRITON_COMPRESSED)
+REFERENCE = NAIVE  # "the FP32 pipeline" the rankings are compared with
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    profile: str = "default"
+    candidates: tuple[int, ...] = (100, 1000)
+    concurrency: tuple[int, ...] = (1, 2, 4, 8, 16)
+    seconds: float = 8.0  # per concurrency level
+    p99_budget_ms: float = 50.0
+    agreement_queries: int = 50
+    seed: int = 2024
+    # targets (issue: benchmarks side by side)
+    min_speedup_vs_naive: float = 5.0
+    min_speedup_vs_fp32: float = 2.0
+    max_p99_c1_ms: float = 15.0  # concurrency 1, 100 candidates, compressed
+    min_agreement: float = 0.9
+
+
+@dataclass
+class Level:
+    concurrency: int
+    calls: int
+    errors: int
+    rps: float
+    p50_ms: float | None
+    p95_ms: float | None
+    p99_ms: float | None
+
+
+@dataclass
+class ServiceResult:
+    name: str
+    levels: dict[int, list[Level]] = field(default_factory=dict)  # candidates -> levels
+    cpu_ms_per_request: dict[int, float] = field(default_factory=dict)
+    top10: list[list[int]] = field(default_factory=list)  # per agreement query
+
+    def best_rps(self, candidates: int, budget_ms: float) -> float:
+        ok = [lv.rps for lv in self.levels[candidates] if lv.errors == 0 and lv.p99_ms is not None
+              and lv.p99_ms <= budget_ms]
+        return max(ok, default=0.0)
+
+    def at(self, candidates: int, concurrency: int) -> Level:
+        return next(lv for lv in self.levels[candidates] if lv.concurrency == concurrency)
+
+
+# ---- the three services ----------------------------------------------------------------------
+
+def _tree_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of `pid` and its live descendants (Triton's backend stubs)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    parents, cpu = {}, {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            parents[int(entry.name)] = int(fields[1])
+            cpu[int(entry.name)] = (int(fields[11]) + int(fields[12])) / tick
+    tree, frontier = {pid}, [pid]
+    while frontier:
+        p = frontier.pop()
+        kids = [c for c, pp in parents.items() if pp == p and c not in tree]
+        tree.update(kids)
+        frontier.extend(kids)
+    return sum(cpu.get(p, 0.0) for p in tree)
+
+
+def render_repositories(profile: str, out: Path) -> dict[str, Path]:
+    """The two Triton repositories: the served (compressed) one and the FP32 one."""
+    from conversion.build_models import built_artifacts
+    from conversion.train_ranker import RANKER_FP32_ONNX
+    from model_repository.render import render_repository
+
+    compressed, dim = built_artifacts(profile, "", "int8")
+    fp32, _ = built_artifacts(profile, "", "fp32")
+    fp32 = dataclasses.replace(fp32, ranker_source=RANKER_FP32_ONNX)
+    pipeline = spec.build_spec(dim)
+    return {TRITON_COMPRESSED: render_repository(pipeline, compressed, out / "triton-compressed"),
+            TRITON_FP32: render_repository(pipeline, fp32, out / "triton-fp32")}
+
+
+@contextmanager
+def serve(name: str, profile: str, repositories: dict[str, Path], cpus) -> Iterator[tuple[str, int]]:
+    """(gRPC address, server PID) of the named service, stopped on exit."""
+    if name == NAIVE:
+        from loadtests.naive_server import run_naive_server
+
+        with run_naive_server(profile, cpus=cpus, threads=len(cpus) if cpus else None) as server:
+            yield server.grpc_url, server.process.pid
+    else:
+        from model_repository.triton_server import run_triton_server
+
+        with run_triton_server(repositories[name], cpus=cpus) as server:
+            yield server.grpc_url, server.process.pid
+
+
+def agreement_requests(catalog_dir: Path, n: int, seed: int) -> list[traffic.RankRequest]:
+    mix = traffic.TrafficSettings(embed_share=0.0, size_mix=((100, 100, 1.0),), top_k_choices=(10,),
+                                  top_k_weights=(1.0,))
+    return traffic.RequestStream(traffic.CatalogData.load(catalog_dir), mix, seed=seed + 1).take(n)
+
+
+def measure_service(name: str, url: str, pid: int, requests: dict[int, list[bytes]],
+                    agreement: list[traffic.RankRequest], s: BenchSettings) -> ServiceResult:
+    from client import SearchClient
+
+    result = ServiceResult(name)
+    with SearchClient(url, timeout_s=60) as c:
+        for r in agreement:
+            ranked = c.rank(r.query, r.user_id, r.candidate_ids, top_k=10)
+            ids = [x.item_id for x in ranked]
+            scores = [x.score for x in ranked]
+            # the same contract: top_k of the given candidates, best first
+            if len(ids) != 10 or not set(ids) <= set(r.candidate_ids.tolist()) or scores != sorted(scores, reverse=True):
+                raise RuntimeError(f"{name} broke the search_rank contract: {ids} {scores}")
+            result.top10.append(ids)
+    for n, reqs in requests.items():
+        closed_loop(url, reqs, 2, 1.0, warmup_s=0.5)  # warm this request size
+        cpu0, done = _tree_cpu_s(pid), 0
+        result.levels[n] = []
+        for conc in s.concurrency:
+            calls = closed_loop(url, reqs, conc, s.seconds)
+            ok = [x.latency_ms for x in calls if x.code == OK]
+            done += len(ok)
+            lv = Level(conc, len(calls), len(calls) - len(ok), len(ok) / s.seconds, percentile(ok, 50),
+                       percentile(ok, 95), percentile(ok, 99))
+            result.levels[n].append(lv)
+            log.info("%s, %d candidates, concurrency %d: %.1f/s, p50 %.1f p99 %.1f ms, %d errors", name, n, conc,
+                     lv.rps, lv.p50_ms or -1, lv.p99_ms or -1, lv.errors)
+            if lv.p99_ms is None or lv.p99_ms > 20 * s.p99_budget_ms:
+                break  # far past the budget: more concurrency only queues
+        result.cpu_ms_per_request[n] = 1000 * (_tree_cpu_s(pid) - cpu0) / max(done, 1)
+    return result
+
+
+# ---- INT8 GEMM peak and the encoder's share of it -----------------------------------------------
+
+def _matmul_integer_model(m: int, k: int, n: int) -> bytes:
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    b = numpy_helper.from_array(rng.integers(-127, 127, (k, n), dtype=np.int8), "B")
+    graph = helper.make_graph(
+        [helper.make_node("MatMulInteger", ["A", "B"], ["Y"])], "int8_gemm",
+        [helper.make_tensor_value_info("A", TensorProto.UINT8, [m, k])],
+        [helper.make_tensor_value_info("Y", TensorProto.INT32, [m, n])], initializer=[b])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+
+
+def _time_session(session, feeds: dict, seconds: float = 2.0) -> float:
+    session.run(None, feeds)
+    runs, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        session.run(None, feeds)
+        runs += 1
+    return (time.perf_counter() - start) / runs
+
+
+def encoder_efficiency(profile: str, cpus, batch: int = 32, seq: int = 16) -> dict:
+    """GOP/s of the served INT8 encoder (batch x seq tokens) and of a large INT8 GEMM, both in ONNX
+    Runtime with the server's thread count, pinned to the server's CPUs."""
+    import onnxruntime as ort
+
+    from conversion.build_models import built_artifacts
+    from conversion.prune_encoder import Structure
+    from model_repository.runtime import ENCODER_FILE, ort_session
+
+    artifacts, _ = built_artifacts(profile, "", "int8")
+    structure = Structure(**json.loads((artifacts.encoder_dir / "structure.json").read_text()))
+    threads = len(cpus) if cpus else os.cpu_count()
+    before = os.sched_getaffinity(0)
+    try:
+        if cpus:
+            os.sched_setaffinity(0, cpus)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        m, k, n = 512, 1024, 1024
+        gemm = ort.InferenceSession(_matmul_integer_model(m, k, n), opts, providers=["CPUExecutionProvider"])
+        a = np.random.default_rng(1).integers(0, 255, (m, k), dtype=np.uint8)
+        peak = 2 * m * k * n / _time_session(gemm, {"A": a}) / 1e9
+        enc = ort_session(artifacts.encoder_dir / ENCODER_FILE, threads)
+        ids = np.random.default_rng(2).integers(1000, 20000, (batch, seq), dtype=np.int64)
+        feeds = {spec.INPUT_IDS.name: ids, spec.ATTENTION_MASK.name: np.ones_like(ids)}
+        achieved = batch * structure.flops(seq) / _time_session(enc, feeds) / 1e9
+    finally:
+        os.sched_setaffinity(0, before)
+    return {"int8_gemm_peak_gops": peak, "encoder_gops": achieved, "share": achieved / peak,
+            "gemm_shape": [m, k, n], "encoder_batch": batch, "encoder_seq": seq, "threads": threads}
+
+
+# ---- report -------------------------------------------------------------------------------------
+
+def machine_description() -> str:
+    flags = set()
+    model = platform.processor() or "unknown CPU"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags") and not flags:
+            flags = set(line.split(":", 1)[1].split())
+        elif line.startswith("model name"):
+            model = line.split(":", 1)[1].strip()
+    shown = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "amx_bf16") if f in flags]
+    return f"{model}, {os.cpu_count()} cores, flags: {' '.join(shown) or 'none of avx2/avx512/vnni/amx'}"
+
+
+def agreement(results: dict[str, ServiceResult]) -> dict[str, float]:
+    ref = results[REFERENCE].top10
+    return {name: float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(r.top10, ref)]))
+            for name, r in results.items()}
+
+
+def checks(results: dict[str, ServiceResult], agree: dict[str, float], s: BenchSettings) -> dict[str, tuple[str, bool]]:
+    out = {}
+    comp, naive, fp32 = results[TRITON_COMPRESSED], results[NAIVE], results[TRITON_FP32]
+    for n in s.candidates:
+        c, b, f = (x.best_rps(n, s.p99_budget_ms) for x in (comp, naive, fp32))
+        vs_naive = c / b if b else float("inf") if c else 0.0
+        vs_fp32 = c / f if f else float("inf") if c else 0.0
+        out[f"compressed >= {s.min_speedup_vs_naive:g}x naive throughput at p99 <= {s.p99_budget_ms:g} ms, {n} cand."] = (
+            f"{vs_naive:.1f}x", vs_naive >= s.min_speedup_vs_naive)
+        out[f"compressed >= {s.min_speedup_vs_fp32:g}x Triton FP32, {n} cand."] = (f"{vs_fp32:.1f}x", vs_fp32 >= s.min_speedup_vs_fp32)
+    if 100 in s.candidates and 1 in s.concurrency:
+        p99 = comp.at(100, 1).p99_ms
+        out[f"compressed p99 <= {s.max_p99_c1_ms:g} ms at concurrency 1, 100 cand."] = (
+            f"{p99:.1f} ms", p99 is not None and p99 <= s.max_p99_c1_ms)
+    out[f"top-10 agreement with the FP32 pipeline >= {s.min_agreement:g}"] = (
+        f"{agree[TRITON_COMPRESSED]:.3f}", agree[TRITON_COMPRESSED] >= s.min_agreement)
+    return out
+
+
+def plot(results: dict[str, ServiceResult], s: BenchSettings, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(s.candidates), figsize=(6 * len(s.candidates), 4.5), squeeze=False)
+    for ax, n in zip(axes[0], s.candidates):
+        for name, r in results.items():
+            lv = [x for x in r.levels[n] if x.p99_ms is not None]
+            ax.plot([x.rps for x in lv], [x.p99_ms for x in lv], marker="o", label=name)
+            for x in lv:
+                ax.annotate(f"c{x.concurrency}", (x.rps, x.p99_ms), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.axhline(s.p99_budget_ms, color="grey", linestyle="--", linewidth=1, label=f"p99 budget {s.p99_budget_ms:g} ms")
+        ax.set_yscale("log")
+        ax.set_xlabel("throughput, search_rank/s (this machine)")
+        ax.set_ylabel("p99 latency, ms")
+        ax.set_title(f"1 query + {n} candidates")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def markdown(results: dict[str, ServiceResult], agree: dict[str, float], eff: dict, verdicts: dict,
+             s: BenchSettings, command: str, machine: str, image: str, cpus_note: str) -> str:
+    fmt = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
+    lines = ["# Benchmarks side by side", "",
+             f"Generated by `{command}` on {time.strftime('%Y-%m-%d')}. Machine: {machine}. {cpus_note}",
+             "Absolute numbers are this machine's; the ratios are the headline.", "",
+             "## Headline", "", "| target | measured | |", "|---|---:|---|"]
+    lines += [f"| {k} | {v} | {'PASS' if ok else 'FAIL'} |" for k, (v, ok) in verdicts.items()]
+    lines += ["", f"INT8 encoder efficiency: the served encoder runs at {eff['encoder_gops']:.1f} GOP/s "
+              f"(batch {eff['encoder_batch']} x {eff['encoder_seq']} tokens), {100 * eff['share']:.0f}% of this machine's "
+              f"INT8 GEMM peak of {eff['int8_gemm_peak_gops']:.1f} GOP/s (ONNX Runtime MatMulInteger "
+              f"{'x'.join(map(str, eff['gemm_shape']))}, {eff['threads']} thread(s), same CPUs as the servers).", ""]
+    for n in s.candidates:
+        lines += [f"## 1 query + {n} candidates", "",
+                  f"| service | p50 / p95 / p99 ms at concurrency 1 | throughput at p99 <= {s.p99_budget_ms:g} ms, /s "
+                  "| CPU ms per request | top-10 agreement with FP32 |", "|---|---:|---:|---:|---:|"]
+        for name, r in results.items():
+            c1 = r.at(n, 1) if 1 in s.concurrency else None
+            lines.append(f"| {name} | {fmt(c1.p50_ms)} / {fmt(c1.p95_ms)} / {fmt(c1.p99_ms)} | "
+                         f"{r.best_rps(n, s.p99_budget_ms):.1f} | {r.cpu_ms_per_request[n]:.1f} | {agree[name]:.3f} |")
+        lines += ["", "Every level (concurrency: throughput /s, p99 ms, errors):", ""]
+        for name, r in results.items():
+            levels = ", ".join(f"c{x.concurrency}: {x.rps:.1f}/s, {fmt(x.p99_ms)} ms" + (f", {x.errors} err" if x.errors else "")
+                               for x in r.levels[n])
+            lines.append(f"- {name}: {levels}")
+        lines.append("")
+    lines += [f"![p99 latency vs throughput]({image})", "",
+              "How: each service is started alone; its server process tree is pinned to the server CPUs and the load "
+              "generator (`loadtests/grpc_load.py`, serialized requests on raw gRPC futures) to the rest. The same seeded "
+              "requests (loadtests/traffic.py) are sent in a closed loop at each concurrency level for "
+              f"{s.seconds:g} s. CPU per request is the server tree's user+system time over the sweep divided by the "
+              "calls it completed. Agreement: mean top-10 overlap with the naive PyTorch FP32 service on "
+              f"{s.agreement_queries} requests of 100 candidates.", ""]
+    return "\n".join(lines)
+
+
+def run(s: BenchSettings, out_md: Path, out_png: Path, command: str) -> tuple[dict, dict, bool]:
+    from model_repository.runtime import served_catalog_dir
+
+    server_cpus, load_cpus = split_cpus()
+    before = os.sched_getaffinity(0)
+    results: dict[str, ServiceResult] = {}
+    with tempfile.TemporaryDirectory(dir=build_root()) as tmp:
+        repositories = render_repositories(s.profile, Path(tmp))
+        catalog = served_catalog_dir(repositories[TRITON_COMPRESSED])
+        requests = {n: search_rank_requests(catalog, 256, n, s.seed) for n in s.candidates}
+        agree_reqs = agreement_requests(catalog, s.agreement_queries, s.seed)
+        try:
+            if load_cpus:
+                os.sched_setaffinity(0, load_cpus)
+            for name in SERVICES:
+                with serve(name, s.profile, repositories, server_cpus) as (url, pid):
+                    results[name] = measure_service(name, url, pid, requests, agree_reqs, s)
+        finally:
+            os.sched_setaffinity(0, before)
+    eff = encoder_efficiency(s.profile, server_cpus)
+    agree = agreement(results)
+    verdicts = checks(results, agree, s)
+    cpus_note = (f"Servers pinned to CPU(s) {list(server_cpus)}, load generator to {list(load_cpus)}."
+                 if server_cpus else "One CPU: servers and load generator share it.")
+    out_md.parent.mkdir(parents=True, exist_ok=True)
+    plot(results, s, out_png)
+    image = os.path.relpath(out_png, out_md.parent)
+    text = markdown(results, agree, eff, verdicts, s, command, machine_description(), image, cpus_note)
+    tmp_md = out_md.with_suffix(".tmp")
+    tmp_md.write_text(text)
+    tmp_md.replace(out_md)
+    return results, verdicts, all(ok for _, ok in verdicts.values())
+
+
+def main(argv: list[str] | None = None) -> int:
+    d = BenchSettings()
+    p = argparse.ArgumentParser(prog="python -m loadtests.side_by_side", description=__doc__.splitlines()[0])
+    p.add_argument("--profile", default=d.profile, help="built models to compare (default, ci)")
+    p.add_argument("--candidates", type=int, nargs="+", default=list(d.candidates))
+    p.add_argument("--concurrency", type=int, nargs="+", default=list(d.concurrency))
+    p.add_argument("--seconds", type=float, default=d.seconds, help="seconds per concurrency level")
+    p.add_argument("--agreement-queries", type=int, default=d.agreement_queries)
+    p.add_argument("--markdown", type=Path, default=REPO_ROOT / "docs" / "BENCHMARKS.md")
+    p.add_argument("--png", type=Path, help="plot (default: benchmarks.png beside the markdown)")
+    p.add_argument("--json", type=Path, help="also write the raw results here")
+    args = p.parse_args(argv)
+    from conversion.build_models import PROFILES
+
+    if args.profile not in PROFILES:
+        p.error(f"--profile must be one of {sorted(PROFILES)}, got {args.profile!r}")
+    if any(not 1 <= n <= spec.MAX_CANDIDATES for n in args.candidates):
+        p.error(f"--candidates must be in 1..{spec.MAX_CANDIDATES}")
+    if any(c < 1 for c in args.concurrency) or args.seconds <= 0 or args.agreement_queries < 1:
+        p.error("--concurrency, --seconds and --agreement-queries must be positive")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    s = BenchSettings(profile=args.profile, candidates=tuple(args.candidates), concurrency=tuple(sorted(set(args.concurrency))),
+                      seconds=args.seconds, agreement_queries=args.agreement_queries)
+    command = "python -m loadtests.side_by_side " + " ".join(argv if argv is not None else sys.argv[1:])
+    from model_repository.triton_server import TritonStartError
+
+    png = args.png or args.markdown.with_name("benchmarks.png")
+    try:
+        results, verdicts, passed = run(s, args.markdown, png, command.strip())
+    except (FileNotFoundError, TritonStartError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(args.markdown.read_text())
+    for k, (v, ok) in verdicts.items():
+        print(f"{'PASS' if ok else 'FAIL'}  {k}: {v}")
+    if args.json:
+        args.json.write_text(json.dumps({n: dataclasses.asdict(r) for n, r in results.items()}, indent=2))
+    return 0 if passed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
