@@ -17,7 +17,7 @@ METRICS_PORT ?= 8002
 PYTEST_ARGS ?=
 
 # encoder-frontier: keep-FLOPs/layers vs fidelity vs speed, one table (POINTS=0.5:0,0.35:2,...)
-.PHONY: encoder-frontier help venv models serve demo test test-unit test-server bench bench-perf-analyzer bench-ranker loadtest \
+.PHONY: encoder-frontier help venv models serve demo test test-unit test-server bench bench-latency bench-perf-analyzer bench-ranker loadtest \
 	loadtest-distributed reliability bench-overload clean deploy-tools image-bundle image k8s-render
 
 help:
@@ -30,7 +30,9 @@ help:
 	@echo "              REPLICAS=N: N servers (ports +10 each); prints the balanced client target"
 	@echo "              TLS_CERT=server.pem TLS_KEY=server.key [TLS_CLIENT_CA=ca.pem for mutual TLS]: gRPC over TLS;"
 	@echo "              ADMIN_KEY_FILE=key.txt: admin endpoints need that key (docs/deploy.md)"
-	@echo "make bench    search_rank latency (100 and 1000 candidates) against a fresh local server"
+	@echo "make bench    the bundle vs a naive PyTorch gRPC service vs Triton FP32: latency, throughput at p99 <= 50 ms,"
+	@echo "              CPU per request, top-10 agreement, INT8 efficiency; PASS/FAIL (docs/BENCHMARKS.md)"
+	@echo "make bench-latency   search_rank latency (100 and 1000 candidates) against a fresh local server"
 	@echo "make bench-perf-analyzer   the same, cross-checked with Triton's perf_analyzer"
 	@echo "make reliability   overload, stub-kill, restart, hot-swap, cancellation and shutdown scenarios (real servers)"
 	@echo "make bench-overload   3x capacity with and without the queue policy, PASS/FAIL (docs/reliability.md)"
@@ -102,7 +104,13 @@ bench-overload: models
 encoder-frontier: $(STAMP)
 	$(PY) -m conversion.encoder_frontier --points $(POINTS) --markdown docs/encoder_frontier.md
 
+# The bundle side by side with a naive PyTorch service and Triton FP32 (docs/BENCHMARKS.md; other
+# profiles write under build/reports). Exit 1 when a target fails.
+BENCH_MARKDOWN ?= $(if $(filter default,$(PROFILE)),docs/BENCHMARKS.md,build/reports/BENCHMARKS-$(PROFILE).md)
 bench: models
+	$(PY) -m loadtests.side_by_side --profile $(PROFILE) --markdown $(BENCH_MARKDOWN) --json build/reports/side_by_side.json
+
+bench-latency: models
 	$(PY) -m client.bench --repository $(REPOSITORY)
 
 # perf_analyzer comes with tritonclient 2.34's wheel, which pins an old client: its own venv.

@@ -178,7 +178,8 @@ def build_spec(embedding_dim: int, *, encoder_instances: int = 1, ort_threads: i
                queue_policy: QueuePolicy | None = DEFAULT_QUEUE_POLICY) -> PipelineSpec:
     """The CPU pipeline for an encoder of `embedding_dim` (384 for all-MiniLM-L6-v2).
 
-    `queue_policy` bounds the queue of every batching model (None: unbounded, as Triton's default)."""
+    `queue_policy` bounds the queue of every model except top_k (None: unbounded, Triton's default).
+    top_k is left without one: refusing there would throw away a request whose work is all done."""
     emb = text_embedding(embedding_dim)
     q_emb = query_embedding(embedding_dim)
     i_emb = item_embedding(embedding_dim)
@@ -219,6 +220,9 @@ def build_spec(embedding_dim: int, *, encoder_instances: int = 1, ort_threads: i
             Tensor(USER_FEATURES.name, INT64, (-1, USER_FEATURES.dims[0])),
         ),
         backend_module="feature_lookup",
+        # Not batching (max_batch_size 0): the block only gives it a queue with the policy. At 1000
+        # candidates it is the slowest step, and without a policy its queue grew to over a second.
+        dynamic_batching=DynamicBatching(max_queue_delay_us=0, queue=queue_policy),
         parameters={"max_candidates": str(MAX_CANDIDATES)},
     )
     ranker = Model(

@@ -180,8 +180,8 @@ def test_dynamic_batching(configs, model):
     assert cfg.HasField("dynamic_batching")
 
 
-@pytest.mark.parametrize("model", ["tokenizer", "query_encoder", "ctr_ranker"])
-def test_every_batching_model_refuses_what_waited_too_long(configs, model):
+@pytest.mark.parametrize("model", ["tokenizer", "query_encoder", "feature_lookup", "ctr_ranker"])
+def test_every_model_but_the_last_refuses_what_waited_too_long(configs, model):
     from model_repository.spec import DEFAULT_QUEUE_POLICY
 
     policy = configs[model].dynamic_batching.default_queue_policy
@@ -190,6 +190,11 @@ def test_every_batching_model_refuses_what_waited_too_long(configs, model):
     # a queue-full rejection stalled the ensemble on this Triton (spec.QueuePolicy): no length cap
     assert policy.max_queue_size == 0
     assert policy.allow_timeout_override
+
+
+def test_the_last_step_never_refuses_finished_work(configs):
+    assert not configs["top_k"].HasField("dynamic_batching")
+    assert configs["feature_lookup"].max_batch_size == 0, "the policy must not make the lookup batch"
 
 
 def test_queue_policy_is_validated_and_can_be_left_out():

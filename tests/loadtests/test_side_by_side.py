@@ -1,0 +1,53 @@
+"""A CI-sized run of the side-by-side benchmark (loadtests.side_by_side): all three services start,
+answer the same contract for the same candidate sets, and the report and its plot are written."""
+from __future__ import annotations
+
+import pytest
+
+from loadtests import side_by_side as sbs
+
+
+@pytest.mark.unit
+def test_agreement_is_top10_overlap_with_the_reference():
+    ref = sbs.ServiceResult(sbs.REFERENCE, top10=[list(range(10)), list(range(10))])
+    other = sbs.ServiceResult(sbs.TRITON_COMPRESSED, top10=[list(range(10)), list(range(5, 15))])
+    assert sbs.agreement({sbs.REFERENCE: ref, sbs.TRITON_COMPRESSED: other}) == {
+        sbs.REFERENCE: 1.0, sbs.TRITON_COMPRESSED: 0.75}
+
+
+@pytest.mark.unit
+def test_throughput_counts_only_levels_within_the_budget_and_the_error_budget():
+    r = sbs.ServiceResult("x", levels={100: [sbs.Level(1, 100, 0, 50.0, 10, 12, 20),
+                                              sbs.Level(2, 300, 3, 150.0, 20, 30, 45),  # 1% refused: counts
+                                              sbs.Level(8, 400, 0, 200.0, 30, 60, 80),  # p99 over budget
+                                              sbs.Level(16, 400, 5, 210.0, 20, 30, 40)]})  # 1.25% refused
+    assert r.best_rps(100, 50.0) == 150.0
+    assert r.best_rps(100, 10.0) == 0.0
+
+
+@pytest.mark.unit
+def test_cli_refuses_bad_settings(capsys):
+    with pytest.raises(SystemExit) as e:
+        sbs.main(["--candidates", "0"])
+    assert e.value.code == 2 and "--candidates must be in 1..1000" in capsys.readouterr().err
+
+
+@pytest.mark.server
+def test_ci_sized_run_writes_report_and_plot(ci_models, tmp_path):
+    s = sbs.BenchSettings(profile="ci", candidates=(100,), concurrency=(1, 2), seconds=1.5, agreement_queries=4)
+    md, png = tmp_path / "BENCHMARKS.md", tmp_path / "benchmarks.png"
+    results, verdicts, _ = sbs.run(s, md, png, "pytest")
+    assert set(results) == set(sbs.SERVICES)
+    for r in results.values():
+        # measure_service already refuses a broken contract; here: every level served, no errors
+        assert [lv.concurrency for lv in r.levels[100]] == [1, 2]
+        assert all(lv.errors == 0 and lv.rps > 0 for lv in r.levels[100])
+        assert len(r.top10) == 4 and r.cpu_ms_per_request[100] > 0
+    agree = sbs.agreement(results)
+    assert agree[sbs.REFERENCE] == 1.0 and agree[sbs.TRITON_FP32] >= 0.7
+    text = md.read_text()
+    for name in sbs.SERVICES:
+        assert f"| {name} |" in text
+    assert "GOP/s" in text and "(benchmarks.png)" in text
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert any("agreement" in k for k in verdicts)
