@@ -54,7 +54,7 @@ class Bundle:
         except (OSError, ValueError) as e:
             raise FileNotFoundError(f"{root} is not a model bundle ({BUNDLE_JSON}: {e})") from None
         bundle = cls(root=root, embedding_dim=int(meta["embedding_dim"]), gpu_precision=str(meta["gpu_precision"]))
-        missing = [p for p in (*vars(bundle.artifacts).values(), bundle.gpu_onnx) if not Path(p).exists()]
+        missing = [p for p in (*bundle.artifacts.folders(), bundle.gpu_onnx) if not Path(p).exists()]
         if missing:
             raise FileNotFoundError(f"bundle {root} lacks {', '.join(map(str, missing))}")
         return bundle
@@ -91,10 +91,10 @@ def stage_bundle(artifacts: Artifacts, embedding_dim: int, out: Path) -> Bundle:
     gpu_src = gpu_source_onnx(artifacts.encoder_dir)
     _copy(gpu_src, tmp / ENCODER_DIR / GPU_ENCODER_ONNX)
     _copy(artifacts.catalog_dir, tmp / CATALOG_DIR)
-    _copy(artifacts.ranker_dir / runtime.RANKER_FILE, tmp / RANKER_DIR / runtime.RANKER_FILE)
+    _copy(artifacts.ranker_file, tmp / RANKER_DIR / runtime.RANKER_FILE)
     (tmp / BUNDLE_JSON).write_text(json.dumps({
         "embedding_dim": embedding_dim, "gpu_precision": detect_precision(gpu_src),
-        "sources": {k: Path(v).name for k, v in vars(artifacts).items()}, "gpu_source_onnx": gpu_src.name,
+        "sources": {k: Path(v).name for k, v in vars(artifacts).items() if k != "ranker_source"}, "gpu_source_onnx": gpu_src.name,
     }, indent=2) + "\n")
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)

@@ -37,6 +37,13 @@ class Artifacts:
     # the stage's FP32 export for a side-by-side comparison (loadtests.side_by_side).
     ranker_source: str = runtime.RANKER_FILE
 
+    def folders(self) -> tuple[Path, Path, Path]:
+        return self.encoder_dir, self.catalog_dir, self.ranker_dir
+
+    @property
+    def ranker_file(self) -> Path:
+        return self.ranker_dir / self.ranker_source
+
 
 def _tensor(t: spec.Tensor, cls):
     msg = cls(name=t.name, data_type=_DTYPES[t.dtype], dims=list(t.dims))
@@ -65,7 +72,7 @@ def model_config(model: spec.Model, extra_parameters: dict[str, str] | None = No
             policy.max_queue_size = queue.max_queue_size
             policy.timeout_action = mc.ModelQueuePolicy.REJECT
             policy.default_timeout_microseconds = queue.timeout_us
-            # a caller may ask for less (e.g. what is left of its deadline), never for more
+            # a request may carry its own queue timeout (e.g. what is left of its caller's deadline)
             policy.allow_timeout_override = True
     cfg.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=model.instance_count)
     for key, value in {**model.parameters, **(extra_parameters or {})}.items():
@@ -134,7 +141,7 @@ def model_files(artifacts: Artifacts) -> dict[str, dict[str, Path]]:
         spec.TOKENIZER: {runtime.TOKENIZER_FILE: artifacts.encoder_dir / runtime.TOKENIZER_FILE},
         spec.QUERY_ENCODER: {runtime.ENCODER_FILE: artifacts.encoder_dir / runtime.ENCODER_FILE},
         spec.FEATURE_LOOKUP: {runtime.CATALOG_FOLDER: artifacts.catalog_dir},
-        spec.CTR_RANKER: {runtime.RANKER_FILE: artifacts.ranker_dir / artifacts.ranker_source},
+        spec.CTR_RANKER: {runtime.RANKER_FILE: artifacts.ranker_file},
         spec.TOP_K_SELECT: {},
     }
 

@@ -168,9 +168,9 @@ def item_embedding(dim: int) -> Tensor:
     return Tensor("ITEM_EMBEDDING", FP32, (dim,))
 
 
-# 100 ms per queue. At 3x capacity it measured admitted p99 165 ms and refusals p99 137 ms, inside
-# the CPU profile's 250 ms p99 target (loadtests/targets.toml; docs/reliability.md). 50 ms refused
-# faster (p99 92 ms) but also refused ordinary bursts: twelve 1000-candidate calls at once.
+# 100 ms: at 3x capacity it measured admitted p99 221 ms and refusals p99 237 ms (100 candidates),
+# inside the CPU profile's 250 ms p99 target (loadtests/targets.toml; docs/reliability.md). 50 ms
+# refused faster but also refused bursts of a few concurrent 1000-candidate calls.
 DEFAULT_QUEUE_POLICY = QueuePolicy(timeout_us=100_000)
 
 
