@@ -49,9 +49,10 @@ class OverloadSettings:
     deadline_s: float = 2.0
     seed: int = 2024
     target_p99_ms: float = 250.0  # the profile's p99 target for this request class
-    # "Answered in milliseconds": a refusal may take no longer than the p99 target of an answer
-    # (rejecting sooner than the 100 ms queue timeout would need a queue-length limit; spec.QueuePolicy)
-    rejection_p99_ms: float = 250.0
+    # A refused caller must learn no later than an admitted one gets its answer at worst (2x the
+    # p99 target), leaving most of its deadline to retry elsewhere. Refusing sooner than the queue
+    # timeout would need a queue-length limit, which stalls this Triton (spec.QueuePolicy).
+    rejection_p99_ms: float = 500.0
 
 
 @dataclass
@@ -170,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--capacity-clients", type=int, default=d.capacity_clients)
     p.add_argument("--deadline", type=float, default=d.deadline_s, help="per-call deadline, s")
     p.add_argument("--rejection-p99-ms", type=float,
-                   help="bound on refusals' p99 (default: the profile's p99 target for the request class)")
+                   help="bound on refusals' p99 (default: 2x the profile's p99 target, the admitted bound)")
     p.add_argument("--profile", default="cpu", help="targets profile whose p99 target bounds admitted calls")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--json", type=Path, help="also write the reports here")
@@ -191,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     target_p99 = profile.targets[traffic.size_class_name(args.candidates)].p99_ms
     s = OverloadSettings(candidates=args.candidates, capacity_clients=args.capacity_clients, capacity_s=args.capacity_s,
                          multiple=args.multiple, duration_s=args.duration, deadline_s=args.deadline, seed=args.seed,
-                         target_p99_ms=target_p99, rejection_p99_ms=args.rejection_p99_ms or target_p99)
+                         target_p99_ms=target_p99, rejection_p99_ms=args.rejection_p99_ms or 2 * target_p99)
     from model_repository.triton_server import TritonStartError
 
     server_cpus, load_cpus = split_cpus() if not args.target else (None, None)

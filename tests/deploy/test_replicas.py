@@ -138,13 +138,23 @@ def _check(report: dict, expect_retries: bool = True) -> None:
 @pytest.mark.server
 def test_balanced_and_survives_a_graceful_stop(ci_repository):
     with run_replicas(ci_repository, 2, exit_timeout_s=5) as servers:
-        base = [_served(s) for s in servers]
         with SearchClient(grpc_targets(servers), timeout_s=30) as c:
+            # round_robin picks only READY subchannels: until the second connection is up, calls
+            # all go to the first replica (seen here as [9, 11] with no retry). Connect both first.
+            c.wait_ready()
+            for _ in range(4):
+                c.rank("desk lamp", 1, CANDIDATES)
+            base = [_served(s) for s in servers]
+            retried = c.stats.retries
             for _ in range(20):
                 c.rank("desk lamp", 1, CANDIDATES)
+            retried = c.stats.retries - retried
         per_replica = [_served(s) - b for s, b in zip(servers, base)]
-        print(f"\n20 sequential calls per replica: {per_replica}")
-        assert per_replica == [10, 10], "one channel, round_robin: calls alternate between replicas"
+        print(f"\n20 sequential calls per replica: {per_replica}, {retried} retried")
+        # One channel, round_robin: calls alternate between replicas. A call the queue timeout
+        # refused on a busy machine is retried on the next replica and shifts the count by one.
+        assert sum(per_replica) == 20 and abs(per_replica[0] - per_replica[1]) <= 2 * retried, \
+            "calls do not alternate between replicas"
         # What Kubernetes does to a deleted pod (after preStop): SIGTERM-like stop, Triton drains.
         _check(_load_with_one_replica_stopped(servers, lambda s: s.stop()))
 

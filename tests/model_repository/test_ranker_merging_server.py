@@ -54,7 +54,21 @@ def _infer_inputs(feeds: dict[str, np.ndarray]) -> list:
     return inputs
 
 
-def test_concurrent_requests_are_merged_and_each_gets_its_own_scores(triton, ci_repository, ci_models, ci_pipeline):
+@pytest.fixture(scope="module")
+def unqueued_triton(ci_repository, tmp_path_factory):
+    """The CI repository without the admission policy: this test fires 84 requests (about 40k
+    candidate rows) at once on purpose, which the served queue timeout would (rightly) partly refuse."""
+    from loadtests.overload import without_queue_policy
+    from model_repository.triton_server import run_triton_server
+
+    repository = without_queue_policy(ci_repository, tmp_path_factory.mktemp("unqueued") / "model_repository")
+    with run_triton_server(repository) as server:
+        yield server
+
+
+def test_concurrent_requests_are_merged_and_each_gets_its_own_scores(unqueued_triton, ci_repository, ci_models,
+                                                                       ci_pipeline):
+    triton = unqueued_triton
     dim = ci_pipeline.model(spec.CTR_RANKER).tensor(spec.query_embedding(0).name).dims[0]
     requests = _distinct_requests(ci_models["catalog_artifact"], dim, 84)
     # Reference: the served ONNX file, one request per ORT call (what an unmerged server returns).
