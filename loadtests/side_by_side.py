@@ -95,23 +95,16 @@ class ServiceResult:
 
 def _tree_cpu_s(pid: int) -> float:
     """User + system CPU seconds of `pid` and its live descendants (Triton's backend stubs)."""
-    tick = os.sysconf("SC_CLK_TCK")
-    parents, cpu = {}, {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            parents[int(entry.name)] = int(fields[1])
-            cpu[int(entry.name)] = (int(fields[11]) + int(fields[12])) / tick
+    from model_repository.triton_server import process_table
+
+    table = process_table()
     tree, frontier = {pid}, [pid]
     while frontier:
-        p = frontier.pop()
-        kids = [c for c, pp in parents.items() if pp == p and c not in tree]
+        parent = frontier.pop()
+        kids = [c for c, p in table.items() if p.ppid == parent and c not in tree]
         tree.update(kids)
         frontier.extend(kids)
-    return sum(cpu.get(p, 0.0) for p in tree)
+    return sum(table[p].cpu_s for p in tree if p in table)
 
 
 def render_repositories(profile: str, out: Path) -> dict[str, Path]:

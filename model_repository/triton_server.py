@@ -170,22 +170,36 @@ def server_env() -> dict[str, str]:
     return env
 
 
-def backend_stubs(server_pid: int) -> dict[int, str]:
-    """The python-backend stubs tritonserver `server_pid` started (its children): PID -> the state
-    letter from /proc ('Z' for a dead one: Triton does not reap a stub that died)."""
+@dataclass(frozen=True)
+class ProcStat:
+    comm: str  # cut to 15 characters by the kernel
+    state: str  # 'Z': a zombie, dead but not reaped
+    ppid: int
+    cpu_s: float  # user + system
+
+
+def process_table() -> dict[int, ProcStat]:
+    """Every process's /proc/PID/stat, read once (processes that vanish meanwhile are skipped)."""
+    tick = os.sysconf("SC_CLK_TCK")
     out = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            comm, rest = (entry / "stat").read_text().rsplit(")", 1)
-            state, ppid = rest.split()[:2]
-        except (OSError, ValueError):
+            head, rest = (entry / "stat").read_text().rsplit(")", 1)
+            fields = rest.split()
+            out[int(entry.name)] = ProcStat(head.split("(", 1)[1], fields[0], int(fields[1]),
+                                            (int(fields[11]) + int(fields[12])) / tick)
+        except (OSError, ValueError, IndexError):
             continue
-        # comm is cut to 15 characters: "triton_python_b"
-        if int(ppid) == server_pid and PYTHON_STUB.startswith(comm.split("(", 1)[1]):
-            out[int(entry.name)] = state
     return out
+
+
+def backend_stubs(server_pid: int) -> dict[int, str]:
+    """The python-backend stubs tritonserver `server_pid` started (its children): PID -> the state
+    letter from /proc ('Z' for a dead one: Triton does not reap a stub that died)."""
+    return {pid: p.state for pid, p in process_table().items()
+            if p.ppid == server_pid and PYTHON_STUB.startswith(p.comm)}
 
 
 def running_stubs(server_pid: int) -> set[int]:
