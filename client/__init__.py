@@ -135,13 +135,13 @@ class RankedItem:
     score: float
 
 
-def status_name(exc: InferenceServerException) -> str:
+def _status_name(exc: InferenceServerException) -> str:
     status = str(exc.status() or "UNKNOWN")
     return status.removeprefix("StatusCode.")
 
 
 def _wrap(exc: InferenceServerException) -> SearchError:
-    code = status_name(exc)
+    code = _status_name(exc)
     cls = InvalidRequest if code == "INVALID_ARGUMENT" else SearchError
     return cls(code, exc.message() or str(exc))
 

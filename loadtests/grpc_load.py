@@ -11,6 +11,7 @@ and calls are gRPC futures, so one Python process drives several hundred calls/s
 """
 from __future__ import annotations
 
+import os
 import threading
 import time
 from contextlib import contextmanager
@@ -157,6 +158,17 @@ def open_loop(target: str, requests: list[bytes], rate: float, seconds: float, d
             if not outstanding.acquire(timeout=deadline_s + 30):
                 raise RuntimeError(f"{sent - len(calls)} calls never completed, past their {deadline_s} s deadline")
     return calls
+
+
+def split_cpus(server_share: float = 0.5) -> tuple[tuple[int, ...] | None, tuple[int, ...] | None]:
+    """(server CPUs, load generator CPUs): a local server and its load must not share cores, or
+    the generator's own work (about a core at a few hundred gRPC calls/s in Python) is counted as
+    the server's overload. None, None on a one-core machine."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        return None, None
+    k = min(len(cpus) - 1, max(1, round(len(cpus) * server_share)))
+    return tuple(cpus[:k]), tuple(cpus[k:])
 
 
 def percentile(values: list[float], q: float) -> float | None:

@@ -29,7 +29,7 @@ from typing import Iterator
 
 from conversion.stages import build_root
 from loadtests import targets, traffic
-from loadtests.grpc_load import OK, Call, closed_loop, open_loop, percentile, repository_requests
+from loadtests.grpc_load import OK, Call, closed_loop, open_loop, percentile, repository_requests, split_cpus
 from model_repository import spec
 from model_repository.render import CONFIG, read_config, write_config
 
@@ -132,17 +132,6 @@ def format_table(rows: list[tuple[float, PhaseReport]], s: OverloadSettings) -> 
                      f"{fmt(r.admitted_p50_ms)} / {fmt(r.admitted_p99_ms)} | {r.rejected} | "
                      f"{fmt(r.rejected_p50_ms)} / {fmt(r.rejected_p99_ms)} | {codes} | {checks} |")
     return "\n".join(lines)
-
-
-def split_cpus(server_share: float = 0.5) -> tuple[tuple[int, ...] | None, tuple[int, ...] | None]:
-    """(server CPUs, load generator CPUs): a local server and its load must not share cores, or
-    the generator's own work (about a core at a few hundred gRPC calls/s in Python) is counted as
-    the server's overload. None, None on a one-core machine."""
-    cpus = sorted(os.sched_getaffinity(0))
-    if len(cpus) < 2:
-        return None, None
-    k = min(len(cpus) - 1, max(1, round(len(cpus) * server_share)))
-    return tuple(cpus[:k]), tuple(cpus[k:])
 
 
 @contextmanager

@@ -35,8 +35,7 @@ import numpy as np
 
 from conversion.stages import REPO_ROOT, build_root
 from loadtests import traffic
-from loadtests.grpc_load import OK, closed_loop, percentile, search_rank_requests
-from loadtests.overload import split_cpus
+from loadtests.grpc_load import OK, closed_loop, percentile, search_rank_requests, split_cpus
 from model_repository import spec
 
 log = logging.getLogger(__name__)

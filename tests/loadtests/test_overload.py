@@ -30,7 +30,7 @@ def test_summary_judges_admitted_and_refused_calls_separately():
 
 @pytest.mark.unit
 def test_cpus_are_split_between_server_and_load():
-    server, load = overload.split_cpus()
+    server, load = grpc_load.split_cpus()
     cpus = set(os.sched_getaffinity(0))
     if len(cpus) < 2:
         assert (server, load) == (None, None)
@@ -61,7 +61,7 @@ def test_cli_refuses_bad_settings():
 @pytest.mark.reliability
 def test_three_times_capacity_is_refused_fast_and_admitted_calls_stay_fast(ci_repository):
     s = overload.OverloadSettings(capacity_s=4.0, duration_s=6.0)
-    server_cpus, load_cpus = overload.split_cpus()
+    server_cpus, load_cpus = grpc_load.split_cpus()
     requests = grpc_load.repository_requests(ci_repository, 256, s.candidates, s.seed)
     before = os.sched_getaffinity(0)
     try:
