@@ -36,8 +36,11 @@ class CatalogArtifactSettings:
     compression: CompressSettings | None = field(default_factory=CompressSettings)
     batch_size: int = 64
     # Bumped when the artifact's contents change for the same inputs (v2: user bucket hash,
-    # v3: item-id hash column).
-    format_version: int = 3
+    # v3: item-id hash column, v4: item id hash index).
+    format_version: int = 4
+    # float16 halves the largest table (10M x 384 items: 7.7 GB instead of 15); docs/catalog.md
+    # has its measured effect on ranking.
+    embedding_dtype: str = "float32"
 
     def __post_init__(self):
         # The teacher and the distillation text must be the ones this artifact names, or the hash
@@ -64,14 +67,14 @@ def served_encoder(settings: CatalogArtifactSettings) -> Path:
 
 
 def build_tables(catalog: Catalog, encoder_dir: Path, batch_size: int = 64, threads: int = 2,
-                 progress: bool = True) -> tuple[CatalogTables, list[str]]:
+                 progress: bool = True, embedding_dtype: str = "float32") -> tuple[CatalogTables, list[str]]:
     tokenizer = BucketTokenizer(encoder_dir / TOKENIZER_JSON)
     session = ort_session(encoder_dir / ENCODER_ONNX, threads=threads)
     item_order = np.argsort(catalog.item_ids, kind="stable")
     titles = [catalog.titles[i] for i in item_order]
     emb = encode_texts(tokenizer, session, titles, batch_size=batch_size, progress=progress, desc="item titles")
     d = emb.shape[1]
-    item_embeddings = np.zeros((len(titles) + 1, d), dtype=np.float32)
+    item_embeddings = np.zeros((len(titles) + 1, d), dtype=embedding_dtype)
     item_embeddings[1:] = emb
     item_features = np.zeros((len(titles) + 1, len(spec.ITEM_FEATURE_COLUMNS)), dtype=np.int64)
     # Column order is spec.ITEM_FEATURE_COLUMNS; the item-id hash is computed here once, so training
@@ -97,7 +100,8 @@ def build_catalog_artifact(settings: CatalogArtifactSettings, force: bool = Fals
         return folder
     encoder_dir = served_encoder(settings)
     catalog = Catalog.load(build_catalog(settings.catalog))
-    tables, titles = build_tables(catalog, encoder_dir, settings.batch_size)
+    tables, titles = build_tables(catalog, encoder_dir, settings.batch_size,
+                                  embedding_dtype=settings.embedding_dtype)
     with stages.atomic_stage(folder, settings) as tmp:
         tables.save(tmp, titles=titles, meta={"encoder": encoder_dir.name})
     return folder

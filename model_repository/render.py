@@ -19,6 +19,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from model_repository import runtime, spec
+from model_repository.catalog_store import create_store, place
 
 log = logging.getLogger(__name__)
 
@@ -120,21 +121,6 @@ def read_config(path: Path) -> mc.ModelConfig:
     return text_format.Parse(path.read_text(), mc.ModelConfig())
 
 
-def _place(src: Path, dst: Path) -> None:
-    """Hard-link when possible (large files, same disk), copy otherwise; never a symlink, so
-    the repository stays valid when copied into a container image."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    if src.is_dir():
-        for child in src.iterdir():
-            if child.name != "settings.json":
-                _place(child, dst / child.name)
-        return
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
-
-
 def model_files(artifacts: Artifacts) -> dict[str, dict[str, Path]]:
     """Per model: destination name inside the version folder -> source path."""
     return {
@@ -180,7 +166,10 @@ def render_repository(pipeline: spec.PipelineSpec, artifacts: Artifacts, out: Pa
                 (version / "model.py").write_text(
                     f"from model_repository.backends.{model.backend_module} import TritonPythonModel  # noqa: F401\n")
             for name, src in files[model.name].items():
-                _place(src, version / name)
+                if model.name == spec.FEATURE_LOOKUP and name == runtime.CATALOG_FOLDER:
+                    create_store(version / name, src)  # versioned, so a new catalog can be swapped in
+                else:
+                    place(src, version / name)
         for ensemble in pipeline.ensembles:
             write_config(ensemble_config(ensemble), tmp / ensemble.name)
             (tmp / ensemble.name / "1").mkdir()

@@ -28,11 +28,6 @@ RANKER_FILE = "ranker.onnx"
 CATALOG_FOLDER = "catalog"
 
 
-def served_catalog_dir(repository: Path | str) -> Path:
-    """Where a rendered repository keeps the feature-lookup model's catalog artifact."""
-    return Path(repository) / spec.FEATURE_LOOKUP / "1" / CATALOG_FOLDER
-
-
 # ---- text ----------------------------------------------------------------------------------
 
 
@@ -119,20 +114,124 @@ def user_bucket(user_ids: np.ndarray) -> np.ndarray:
     return h.astype(np.int64) + 1
 
 
+class ItemIndex:
+    """Item id -> table row in O(1): an open-addressing hash table (linear probing) over the ids.
+
+    A sorted-id `searchsorted` costs log2(n) dependent reads per id (24 at 10M items, each a page
+    of a memory-mapped file that may be cold); here an id costs one read of WINDOW adjacent keys
+    (one cache line or two). Both arrays are .npy files the server memory-maps. The table is at
+    most half full and probing does not wrap around (the arrays run on past the hashed range and
+    end in empty slots), so one vectorised gather of a window per id resolves almost every id
+    (993 of 1000 at 1M items); the few whose probe run is longer finish in a scalar loop.
+    """
+
+    EMPTY = -1  # ids are >= 0 (feature_lookup refuses negative ones)
+    KEYS, ROWS = "item_index_keys.npy", "item_index_rows.npy"
+    WINDOW = 8
+
+    def __init__(self, keys: np.ndarray, rows: np.ndarray, bits: int, max_probe: int):
+        from numpy.lib.stride_tricks import sliding_window_view
+
+        self.keys, self.rows, self.bits, self.max_probe = keys, rows, int(bits), int(max_probe)
+        self._windows = sliding_window_view(keys, self.WINDOW)  # a view: nothing is read here
+
+    @staticmethod
+    def _slots(ids: np.ndarray, bits: int) -> np.ndarray:
+        # Fibonacci hashing, as user_bucket: the top bits spread sequential ids evenly.
+        product = ids.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+        return (product >> np.uint64(64 - bits)).astype(np.int64)
+
+    @classmethod
+    def build(cls, item_ids: np.ndarray) -> "ItemIndex":
+        """Index of unique ids; the id at position i maps to row i + 1 (row 0 is the cold-start row)."""
+        item_ids = np.asarray(item_ids, dtype=np.int64)
+        bits = max(4, int(2 * max(len(item_ids), 1) - 1).bit_length())
+        keys = np.full((1 << bits) + 2 * cls.WINDOW, cls.EMPTY, dtype=np.int64)
+        rows = np.zeros(len(keys), dtype=np.int64 if len(item_ids) >= 2**31 else np.int32)
+        pending = np.arange(len(item_ids))
+        slots = cls._slots(item_ids, bits)
+        probe = 0
+        # All pending ids try their current slot at once; one claimant per free slot wins, the
+        # others move one slot on. Rounds = the longest probe run, so the build is O(n * rounds).
+        while len(pending):
+            free = np.flatnonzero(keys[slots] == cls.EMPTY)
+            _, first = np.unique(slots[free], return_index=True)
+            won = free[first]
+            keys[slots[won]] = item_ids[pending[won]]
+            rows[slots[won]] = pending[won] + 1
+            keep = np.ones(len(pending), dtype=bool)
+            keep[won] = False
+            pending, slots = pending[keep], slots[keep] + 1
+            probe += 1
+            if len(slots) and slots.max() + 2 * cls.WINDOW > len(keys):  # a run near the end: grow
+                keys = np.concatenate([keys, np.full(cls.WINDOW * 8, cls.EMPTY, np.int64)])
+                rows = np.concatenate([rows, np.zeros(cls.WINDOW * 8, rows.dtype)])
+        # Every window starting at a hashed slot or inside a run must exist, and the arrays must
+        # end in an empty slot so that a scalar probe always stops.
+        used = np.flatnonzero(keys != cls.EMPTY)
+        end = max(1 << bits, (int(used[-1]) + 1) if len(used) else 0) + cls.WINDOW
+        return cls(keys[:end], rows[:end], bits, probe)
+
+    def lookup(self, ids: np.ndarray) -> np.ndarray:
+        """Rows of `ids` (int64), COLD_START_ROW for ids not in the index."""
+        flat = np.asarray(ids, dtype=np.int64).reshape(-1)
+        starts = self._slots(flat, self.bits)
+        found = self._windows[starts]
+        hit = found == flat[:, None]
+        at = hit.argmax(axis=1)
+        got = hit[np.arange(flat.size), at]
+        out = np.where(got, self.rows[starts + at], COLD_START_ROW).astype(np.int64)
+        missed = np.flatnonzero(~got)
+        if missed.size:
+            # An empty slot in the window ends the probe run: that id is not in the table.
+            run_on = missed[~(found[missed] == self.EMPTY).any(axis=1)]
+            for i in run_on.tolist():
+                out[i] = self._probe(int(flat[i]), int(starts[i]) + self.WINDOW)
+        return out.reshape(np.shape(ids))
+
+    def _probe(self, item_id: int, slot: int) -> int:
+        while True:
+            key = int(self.keys[slot])
+            if key == item_id:
+                return int(self.rows[slot])
+            if key == self.EMPTY:
+                return COLD_START_ROW
+            slot += 1
+
+    def save(self, folder: Path) -> dict:
+        np.save(folder / self.KEYS, self.keys)
+        np.save(folder / self.ROWS, self.rows)
+        return {"item_index": {"bits": self.bits, "max_probe": self.max_probe}}
+
+    @classmethod
+    def load(cls, folder: Path, meta: dict, mmap: bool = True) -> "ItemIndex | None":
+        """The saved index, or None for an artifact written before there was one."""
+        info = meta.get("item_index")
+        if info is None or not (folder / cls.KEYS).is_file():
+            return None
+        mode = "r" if mmap else None
+        return cls(np.load(folder / cls.KEYS, mmap_mode=mode), np.load(folder / cls.ROWS, mmap_mode=mode),
+                   info["bits"], info["max_probe"])
+
+
 @dataclass
 class CatalogTables:
     """The catalog artifact: sorted id arrays plus feature tables whose row 0 is the cold-start row.
 
-    Files are plain .npy so the serving side memory-maps them instead of copying.
+    Files are plain .npy so the serving side memory-maps them instead of copying: start-up does not
+    read the tables, and every model instance (and replica on the node) shares the page cache.
+    Item embeddings are stored float32 or float16 (`embedding_rows` returns float32 either way).
     """
 
     item_ids: np.ndarray  # int64 [n] sorted
-    item_embeddings: np.ndarray  # float32 [n + 1, d]
+    item_embeddings: np.ndarray  # float32 or float16 [n + 1, d]
     item_features: np.ndarray  # int64 [n + 1, len(ITEM_FEATURE_COLUMNS)]
     user_ids: np.ndarray  # int64 [m] sorted
     user_features: np.ndarray  # int64 [m + 1, len(USER_FEATURE_COLUMNS)]
+    item_index: ItemIndex | None = None  # O(1) id -> row; None: binary search on item_ids
 
     FILES = ("item_ids", "item_embeddings", "item_features", "user_ids", "user_features")
+    EMBEDDING_DTYPES = ("float32", "float16")
     TITLES = "item_titles.json"
     META = "catalog_meta.json"
 
@@ -141,20 +240,36 @@ class CatalogTables:
         return int(self.item_embeddings.shape[1])
 
     def save(self, folder: Path, titles: Sequence[str] | None = None, meta: dict | None = None) -> None:
+        """Write every table (and the item index, built here) into `folder`.
+
+        A table that already is a memmap of its own destination file (a large artifact filled in
+        place, conversion.synthetic_catalog) is flushed, not rewritten."""
+        folder = Path(folder)
+        if self.item_embeddings.dtype.name not in self.EMBEDDING_DTYPES:
+            raise ValueError(f"item_embeddings must be one of {self.EMBEDDING_DTYPES}, got {self.item_embeddings.dtype}")
         for name in self.FILES:
-            np.save(folder / f"{name}.npy", np.ascontiguousarray(getattr(self, name)))
+            array, path = getattr(self, name), folder / f"{name}.npy"
+            if isinstance(array, np.memmap) and array.filename and Path(array.filename).resolve() == path.resolve():
+                array.flush()
+            else:
+                np.save(path, np.ascontiguousarray(array))
+        index = self.item_index or ItemIndex.build(self.item_ids)
+        index_meta = index.save(folder)
         if titles is not None:
             (folder / self.TITLES).write_text(json.dumps(list(titles)))
         (folder / self.META).write_text(json.dumps({
             "items": len(self.item_ids), "users": len(self.user_ids), "embedding_dim": self.embedding_dim,
-            **(meta or {}),
+            "embedding_dtype": self.item_embeddings.dtype.name, **index_meta, **(meta or {}),
         }, indent=2))
 
     @classmethod
     def load(cls, folder: Path | str, mmap: bool = True) -> "CatalogTables":
         folder = Path(folder)
         mode = "r" if mmap else None
-        return cls(**{name: np.load(folder / f"{name}.npy", mmap_mode=mode) for name in cls.FILES})
+        meta_path = folder / cls.META
+        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+        tables = {name: np.load(folder / f"{name}.npy", mmap_mode=mode) for name in cls.FILES}
+        return cls(**tables, item_index=ItemIndex.load(folder, meta, mmap))
 
     @staticmethod
     def load_titles(folder: Path | str) -> dict[int, str]:
@@ -170,7 +285,34 @@ class CatalogTables:
         return np.where(found, pos_clipped + 1, COLD_START_ROW)
 
     def item_rows(self, item_ids: np.ndarray) -> np.ndarray:
-        return self._rows(self.item_ids, np.asarray(item_ids, dtype=np.int64))
+        ids = np.asarray(item_ids, dtype=np.int64)
+        if self.item_index is not None:
+            return self.item_index.lookup(ids)
+        return self._rows(self.item_ids, ids)
 
     def user_rows(self, user_ids: np.ndarray) -> np.ndarray:
         return self._rows(self.user_ids, np.asarray(user_ids, dtype=np.int64))
+
+    def embedding_rows(self, rows: np.ndarray) -> np.ndarray:
+        """float32 [len(rows), d], whatever the stored precision (the ranker's input is FP32)."""
+        return np.asarray(self.item_embeddings[rows], dtype=np.float32)
+
+
+# ---- catalog store: versions a running feature_lookup can switch between --------------------
+#
+# <store>/versions/<name>/  one catalog artifact per version (a folder of CatalogTables files)
+# <store>/CURRENT           the active version's name; replaced atomically (os.replace) to swap
+
+CATALOG_VERSIONS = "versions"
+CATALOG_CURRENT = "CURRENT"
+
+
+def active_catalog(store: Path | str) -> Path:
+    store = Path(store)
+    name = (store / CATALOG_CURRENT).read_text().strip()
+    return store / CATALOG_VERSIONS / name
+
+
+def served_catalog_dir(repository: Path | str) -> Path:
+    """The catalog artifact a rendered repository's feature_lookup serves now."""
+    return active_catalog(Path(repository) / spec.FEATURE_LOOKUP / "1" / CATALOG_FOLDER)

@@ -2,8 +2,15 @@
 
 It emits one row per candidate (query embedding repeated) so the ranker can batch candidate
 rows from many requests. Ids missing from the artifact get the cold-start row, never an error.
+
+The artifact comes from the catalog store in the version folder (model_repository.catalog_store):
+before each batch the model stats the store's CURRENT file and, when it was replaced, opens the
+version it names and serves from it. A version that cannot be opened is logged and the old one
+keeps serving: a bad upload must not fail requests.
 """
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -35,16 +42,49 @@ def validate_ids(user_id: np.ndarray, candidates: np.ndarray, max_candidates: in
         raise BadRequest(f"{name} contains duplicate ids ({len(dup)} repeated, e.g. {int(dup[0])})")
 
 
+class CatalogReloader:
+    """The tables of the store's active version, reopened when CURRENT is replaced."""
+
+    def __init__(self, store, embedding_dim: int, log):
+        self.pointer = store / runtime.CATALOG_CURRENT
+        self.store, self.embedding_dim, self.log = store, embedding_dim, log
+        self.version, self.tables, self._stamp = None, None, None
+        self.refresh(required=True)
+
+    def refresh(self, required: bool = False) -> None:
+        st = os.stat(self.pointer)
+        stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+        if stamp == self._stamp:
+            return
+        self._stamp = stamp
+        folder = runtime.active_catalog(self.store)
+        try:
+            # Memory-mapped: instances share the page cache instead of each holding a copy, and
+            # opening a 10M-item catalog reads only its headers.
+            tables = CatalogTables.load(folder, mmap=True)
+            if tables.embedding_dim != self.embedding_dim:
+                raise ValueError(f"{tables.embedding_dim}-dim embeddings, the ranker takes {self.embedding_dim}")
+        except (OSError, ValueError, KeyError) as e:
+            if required:
+                raise
+            self.log.log_error(f"catalog {folder.name} not served, keeping {self.version}: {e}")
+            return
+        self.version, self.tables = folder.name, tables
+        self.log.log_info(f"serving catalog {folder.name} ({len(tables.item_ids)} items)")
+
+
 class TritonPythonModel:
     def initialize(self, args):
         self.ctx = ModelContext(args)
         self.max_candidates = int(self.ctx.param("max_candidates"))
-        # Memory-mapped: instances share the page cache instead of each holding a copy.
-        self.tables = CatalogTables.load(self.ctx.version_dir / runtime.CATALOG_FOLDER, mmap=True)
         self.q_name = spec.query_embedding(0).name
         self.i_name = spec.item_embedding(0).name
+        dim = next(o["dims"][-1] for o in self.ctx.config["output"] if o["name"] == self.i_name)
+        self.catalog = CatalogReloader(self.ctx.version_dir / runtime.CATALOG_FOLDER, int(dim), pb_utils.Logger)
 
     def execute(self, requests):
+        self.catalog.refresh()
+        tables = self.catalog.tables
         responses = []
         for request in requests:
             query = input_array(request, self.q_name)
@@ -56,12 +96,12 @@ class TritonPythonModel:
                 responses.append(self.ctx.invalid(err))
                 continue
             n = len(candidates)
-            item_rows = self.tables.item_rows(candidates)
-            user_row = self.tables.user_rows(user_id.reshape(-1))
+            item_rows = tables.item_rows(candidates)
+            user_row = tables.user_rows(user_id.reshape(-1))
             responses.append(pb_utils.InferenceResponse([
                 pb_utils.Tensor(self.q_name, np.repeat(query.reshape(1, -1), n, axis=0)),
-                pb_utils.Tensor(self.i_name, np.ascontiguousarray(self.tables.item_embeddings[item_rows])),
-                pb_utils.Tensor(spec.ITEM_FEATURES.name, np.ascontiguousarray(self.tables.item_features[item_rows])),
-                pb_utils.Tensor(spec.USER_FEATURES.name, np.repeat(self.tables.user_features[user_row], n, axis=0)),
+                pb_utils.Tensor(self.i_name, tables.embedding_rows(item_rows)),
+                pb_utils.Tensor(spec.ITEM_FEATURES.name, np.ascontiguousarray(tables.item_features[item_rows])),
+                pb_utils.Tensor(spec.USER_FEATURES.name, np.repeat(tables.user_features[user_row], n, axis=0)),
             ]))
         return responses

@@ -8,6 +8,7 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
+from model_repository import runtime
 from model_repository.render import Artifacts, render_cpu_repository
 
 pytestmark = pytest.mark.unit
@@ -244,7 +245,7 @@ def test_render_replaces_existing_output(ci_models, ci_pipeline, tmp_path):
     # Served files are real files (hard links or copies), never symlinks.
     assert not [p for p in out.rglob("*") if p.is_symlink()]
     assert (out / "ctr_ranker" / "1" / "ranker.onnx").is_file()
-    assert (out / "feature_lookup" / "1" / "catalog" / "item_ids.npy").is_file()
+    assert (runtime.served_catalog_dir(out) / "item_ids.npy").is_file()
 
 
 def test_gpu_rendering_serves_the_encoder_from_a_tensorrt_plan(ci_models, ci_pipeline, ci_repository, tmp_path):
