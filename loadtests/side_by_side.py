@@ -94,16 +94,10 @@ class ServiceResult:
 
 def _tree_cpu_s(pid: int) -> float:
     """User + system CPU seconds of `pid` and its live descendants (Triton's backend stubs)."""
-    from model_repository.triton_server import process_table
+    from model_repository.triton_server import process_table, process_tree
 
     table = process_table()
-    tree, frontier = {pid}, [pid]
-    while frontier:
-        parent = frontier.pop()
-        kids = [c for c, p in table.items() if p.ppid == parent and c not in tree]
-        tree.update(kids)
-        frontier.extend(kids)
-    return sum(table[p].cpu_s for p in tree if p in table)
+    return sum(table[p].cpu_s for p in process_tree(pid, table))
 
 
 def render_repositories(profile: str, out: Path) -> dict[str, Path]:

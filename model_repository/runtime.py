@@ -297,6 +297,12 @@ class CatalogTables:
         """float32 [len(rows), d], whatever the stored precision (the ranker's input is FP32)."""
         return np.asarray(self.item_embeddings[rows], dtype=np.float32)
 
+    def candidate_rows(self, item_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """What feature_lookup sends the ranker for one request's candidates: float32 embeddings
+        [n, d] and item features [n, k], cold-start rows for unknown ids."""
+        rows = self.item_rows(item_ids)
+        return self.embedding_rows(rows), np.ascontiguousarray(self.item_features[rows])
+
 
 # ---- catalog store: versions a running feature_lookup can switch between --------------------
 #

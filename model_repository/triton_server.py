@@ -195,6 +195,36 @@ def process_table() -> dict[int, ProcStat]:
     return out
 
 
+def process_tree(pid: int, table: dict[int, ProcStat] | None = None) -> set[int]:
+    """`pid` and its live descendants (tritonserver and its backend stubs)."""
+    table = process_table() if table is None else table
+    tree, frontier = {pid}, [pid]
+    while frontier:
+        parent = frontier.pop()
+        kids = [c for c, p in table.items() if p.ppid == parent and c not in tree]
+        tree.update(kids)
+        frontier.extend(kids)
+    return {p for p in tree if p in table}
+
+
+def tree_memory(pid: int) -> dict[str, int]:
+    """Bytes of memory of `pid`'s process tree from /proc/PID/smaps_rollup: `rss` counts a page
+    shared by several processes (a memory-mapped catalog) once per process, `pss` splits it
+    between them (the sum is what the tree really holds), `anon` is private heap."""
+    keys = {"Rss": "rss", "Pss": "pss", "Anonymous": "anon"}
+    total = dict.fromkeys(keys.values(), 0)
+    for p in process_tree(pid):
+        try:
+            lines = Path(f"/proc/{p}/smaps_rollup").read_text().splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            name, _, rest = line.partition(":")
+            if name in keys:
+                total[keys[name]] += int(rest.split()[0]) * 1024
+    return total
+
+
 def backend_stubs(server_pid: int) -> dict[int, str]:
     """The python-backend stubs tritonserver `server_pid` started (its children): PID -> the state
     letter from /proc ('Z' for a dead one: Triton does not reap a stub that died)."""

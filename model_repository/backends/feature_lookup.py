@@ -96,12 +96,12 @@ class TritonPythonModel:
                 responses.append(self.ctx.invalid(err))
                 continue
             n = len(candidates)
-            item_rows = tables.item_rows(candidates)
+            embeddings, features = tables.candidate_rows(candidates)
             user_row = tables.user_rows(user_id.reshape(-1))
             responses.append(pb_utils.InferenceResponse([
                 pb_utils.Tensor(self.q_name, np.repeat(query.reshape(1, -1), n, axis=0)),
-                pb_utils.Tensor(self.i_name, tables.embedding_rows(item_rows)),
-                pb_utils.Tensor(spec.ITEM_FEATURES.name, np.ascontiguousarray(tables.item_features[item_rows])),
+                pb_utils.Tensor(self.i_name, embeddings),
+                pb_utils.Tensor(spec.ITEM_FEATURES.name, features),
                 pb_utils.Tensor(spec.USER_FEATURES.name, np.repeat(tables.user_features[user_row], n, axis=0)),
             ]))
         return responses
