@@ -320,5 +320,8 @@ def active_catalog(store: Path | str) -> Path:
 
 
 def served_catalog_dir(repository: Path | str) -> Path:
-    """The catalog artifact a rendered repository's feature_lookup serves now."""
-    return active_catalog(Path(repository) / spec.FEATURE_LOOKUP / "1" / CATALOG_FOLDER)
+    """The catalog artifact a rendered repository's feature_lookup serves now (the store folder
+    itself when there is no CURRENT: a repository not rendered yet, so that loading it fails
+    naming that folder)."""
+    store = Path(repository) / spec.FEATURE_LOOKUP / "1" / CATALOG_FOLDER
+    return active_catalog(store) if (store / CATALOG_CURRENT).is_file() else store
