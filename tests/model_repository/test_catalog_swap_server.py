@@ -14,6 +14,7 @@ from conversion.catalog_generator import Catalog
 from conversion.reference_pipeline import ReferencePipeline
 from conversion.synthetic_catalog import SyntheticCatalogSettings, build_synthetic_catalog
 from model_repository import catalog_store
+from model_repository.spec import ADMISSION_REFUSAL  # the queue policy's answer, not a swap failure
 from model_repository.render import Artifacts, render_cpu_repository
 from model_repository.runtime import CatalogTables
 from model_repository.triton_server import run_triton_server
@@ -21,7 +22,6 @@ from model_repository.triton_server import run_triton_server
 pytestmark = [pytest.mark.server, pytest.mark.reliability]
 
 TOL = 1e-3  # as tests/client/test_search_rank_server.py: static INT8 encoder, float reassociation
-ADMISSION_REFUSAL = "Request timeout expired"  # the queue policy's answer, not a swap failure
 
 
 @pytest.fixture(scope="module")

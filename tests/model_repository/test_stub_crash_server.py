@@ -47,7 +47,7 @@ def test_killed_stub_is_detected_and_the_server_restarted_under_load(ci_reposito
                     events.append((started, "OK"))
                 except SearchError as e:
                     # the queue timeout's refusal is admission, not the crash (docs/reliability.md)
-                    events.append((started, "REFUSED" if "Request timeout expired" in e.message else e.code))
+                    events.append((started, "REFUSED" if spec.ADMISSION_REFUSAL in e.message else e.code))
                     time.sleep(0.05)
 
     try:
