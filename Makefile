@@ -18,7 +18,8 @@ PYTEST_ARGS ?=
 
 # encoder-frontier: keep-FLOPs/layers vs fidelity vs speed, one table (POINTS=0.5:0,0.35:2,...)
 .PHONY: encoder-frontier help venv models serve demo test test-unit test-server bench bench-latency bench-perf-analyzer bench-ranker loadtest \
-	loadtest-distributed reliability bench-overload clean deploy-tools image-bundle image k8s-render
+	loadtest-distributed reliability bench-overload clean deploy-tools image-bundle image k8s-render \
+	bench-catalog bench-catalog-serving swap-catalog
 
 help:
 	@echo "make demo     build models, start Triton, rank sample queries, stop"
@@ -36,6 +37,9 @@ help:
 	@echo "make bench-perf-analyzer   the same, cross-checked with Triton's perf_analyzer"
 	@echo "make reliability   overload, stub-kill, restart, hot-swap, cancellation and shutdown scenarios (real servers)"
 	@echo "make bench-overload   3x capacity with and without the queue policy, PASS/FAIL (docs/reliability.md)"
+	@echo "make bench-catalog-serving [CATALOG_SIZES=100000,1000000,10000000]   synthetic catalogs served by Triton:"
+	@echo "              start-up, memory, 1000-candidate lookup, FP16 storage; PASS/FAIL at 10M (docs/catalog_scale.md)"
+	@echo "make swap-catalog CATALOG=<artifact folder>   serve a new catalog version without a restart"
 	@echo "make bench-ranker   ranker AUCs (ground truth, FP32, compressed) and ORT latency at 100/1000 candidates,"
 	@echo "              PASS/FAIL against the targets (docs/ranker_benchmark.md for the default profile);"
 	@echo "              RANKER_BASELINE=1 also trains the first MLP ranker on the same split for comparison"
@@ -120,6 +124,18 @@ $(PERF_VENV)/.installed:
 	test -x $(PERF_VENV)/bin/python || $(PYTHON) -m venv $(PERF_VENV)
 	$(PERF_VENV)/bin/pip install -q "tritonclient[all]==2.34.0" nvidia-cuda-runtime-cu12
 	touch $@
+
+# Serving 1e5..1e7 items (synthetic artifacts, several GB at 10M, deleted afterwards): start-up, memory,
+# lookup latency, FP16 storage's effect; PASS/FAIL at 10M items (docs/catalog_scale.md).
+CATALOG_SIZES ?= 100000,1000000,10000000
+bench-catalog-serving: models
+	$(PY) -m loadtests.catalog_scale --sizes $(CATALOG_SIZES) --json build/reports/catalog_scale.json \
+		$(if $(filter default,$(PROFILE)),--markdown docs/catalog_scale.md)
+
+# Serve a new catalog artifact from a running (or stopped) repository without a restart.
+swap-catalog: $(STAMP)
+	@test -n "$(CATALOG)" || { echo "error: CATALOG=<catalog artifact folder> is required"; exit 2; }
+	$(PY) -m model_repository.catalog_store --repository $(REPOSITORY) --catalog $(CATALOG)
 
 bench-ranker: models
 	$(if $(RANKER_BASELINE),$(PY) -m conversion.train_ranker --profile $(PROFILE) --encoder $(ENCODER) --compare-baseline)
