@@ -107,6 +107,7 @@ def measure_size(items: int, template: Path, work: Path, settings: ScaleSettings
     hashed = _lookup_ms(tables.candidate_rows, requests)
     binary = _lookup_ms(lambda ids: CatalogTables._rows(tables.item_ids, ids), requests)
     index_only = _lookup_ms(tables.item_rows, requests)
+    del tables  # unmapped, so the server's PSS below is not split with this process
 
     artifacts, dim = built_artifacts(settings.profile)
     repo = render_repository(spec.build_spec(dim), _with_catalog(artifacts, folder), work / f"repo-{items}")
