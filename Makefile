@@ -18,13 +18,16 @@ PYTEST_ARGS ?=
 
 # encoder-frontier: keep-FLOPs/layers vs fidelity vs speed, one table (POINTS=0.5:0,0.35:2,...)
 .PHONY: encoder-frontier help venv models serve demo test test-unit test-server bench bench-latency bench-perf-analyzer bench-ranker loadtest \
-	loadtest-distributed reliability bench-overload clean deploy-tools image-bundle image k8s-render
+	loadtest-distributed reliability bench-overload clean deploy-tools image-bundle image k8s-render catalog bench-encoding
 
 help:
 	@echo "make demo     build models, start Triton, rank sample queries, stop"
 	@echo "make test     run the test suite (unit + real-Triton server tests)"
 	@echo "make models   build artifacts (PROFILE=default|ci, ENCODER=int8|fp32) and render $(REPOSITORY);"
 	@echo "              the default profile also writes the encoder compression report (build/reports/encoder_compression.md)"
+	@echo "make catalog [CATALOG_INPUT=dir|glob CATALOG_OUTPUT=dir ACTORS=2 RAY_ADDRESS=host:port]   encode item titles"
+	@echo "              with the served encoder on Ray Data (default input: the PROFILE's catalog); resumable (docs/catalog.md)"
+	@echo "make bench-encoding [ITEMS=100000]   item-encoding throughput: one process vs Ray 1 and 2 actors, PASS/FAIL"
 	@echo "make encoder-frontier [POINTS=0.5:0,0.35:2]   pruning budget vs fidelity vs speed (docs/encoder_frontier.md)"
 	@echo "make serve    serve $(REPOSITORY) on ports $(HTTP_PORT)/$(GRPC_PORT)/$(METRICS_PORT) until Ctrl-C"
 	@echo "              REPLICAS=N: N servers (ports +10 each); prints the balanced client target"
@@ -100,6 +103,22 @@ reliability: $(STAMP)
 # the queue policy: PASS/FAIL on admitted p99 and refusal latency (docs/reliability.md).
 bench-overload: models
 	$(PY) -m loadtests.overload --repository $(REPOSITORY) --compare-unbounded --json build/reports/overload.json
+
+# Item titles -> embedding shards with the served encoder on Ray Data (docs/catalog.md). A local Ray
+# unless RAY_ADDRESS names a cluster; finished shards are skipped on a rerun.
+CATALOG_INPUT ?=
+CATALOG_OUTPUT ?=
+ACTORS ?= 2
+RAY_ADDRESS ?=
+catalog: $(STAMP)
+	$(PY) -m conversion.encode_items --profile $(PROFILE) --encoder $(ENCODER) --actors $(ACTORS) \
+		$(if $(CATALOG_INPUT),--input "$(CATALOG_INPUT)") $(if $(CATALOG_OUTPUT),--output "$(CATALOG_OUTPUT)") \
+		$(if $(RAY_ADDRESS),--address $(RAY_ADDRESS))
+
+ITEMS ?= 100000
+bench-encoding: $(STAMP)
+	$(PY) -m loadtests.bench_item_encoding --profile $(PROFILE) --items $(ITEMS) --json build/reports/item_encoding.json \
+		$(if $(filter default,$(PROFILE)),--markdown build/reports/item_encoding.md)
 
 encoder-frontier: $(STAMP)
 	$(PY) -m conversion.encoder_frontier --points $(POINTS) --markdown docs/encoder_frontier.md
