@@ -262,28 +262,15 @@ def ray_runtime(settings: EncodeSettings) -> Iterator[float]:
         ray.shutdown()
 
 
-def _row_bytes(shard: Path) -> int:
-    """In-memory bytes of one read row (id, title, source path), from the shard's first rows."""
-    import pyarrow.csv as pacsv
-    import pyarrow.parquet as pq
-
-    if shard.suffix == ".parquet":
-        sample = next(pq.ParquetFile(shard).iter_batches(batch_size=256, columns=[ID, TITLE]), None)
-    else:
-        with pacsv.open_csv(shard, convert_options=_csv_convert()) as reader:
-            sample = next(iter(reader), None)
-    title_bytes = sample.column(TITLE).nbytes / max(sample.num_rows, 1) if sample is not None else 64
-    return int(title_bytes + 8 + 8 + len(str(shard)) + 4)
-
-
-def _dataset(shards: list[Path], settings: EncodeSettings):
+def _dataset(shards: list[Path], settings: EncodeSettings, dim: int):
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # tqdm below counts encoded rows across shards
-    # Ray sizes blocks in bytes (128 MiB by default: a whole shard of titles in one block, which one
-    # actor would encode alone while the others idle); aim at about rows_per_block rows instead.
-    ctx.target_max_block_size = max(settings.rows_per_block * _row_bytes(shards[0]), 64 * 1024)
+    # Ray sizes blocks in bytes. Sized for about rows_per_block titles (~150 KB), the embeddings came
+    # back in ~100-row blocks whose per-block overhead left the actor idle 60% of the time (measured,
+    # 20k titles); sized for rows_per_block embeddings, each actor call returns one block.
+    ctx.target_max_block_size = settings.rows_per_block * (4 * dim + 64)
     parts = []
     # Reads are I/O: a fraction of a CPU each, so they never wait behind the actor pool's CPUs.
     parquet = [str(s) for s in shards if s.suffix == ".parquet"]
@@ -294,6 +281,9 @@ def _dataset(shards: list[Path], settings: EncodeSettings):
         parts.append(ray.data.read_csv(csv, include_paths=True, num_cpus=0.25, convert_options=_csv_convert()))
     parts = [p.select_columns([ID, TITLE, PATH]) for p in parts]
     ds = parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
+    # Streaming (no shuffle) split into rows_per_block-row blocks: a read block holds a whole small
+    # shard, or several, and the first actor up took them all while the second sat idle (measured).
+    ds = ds.repartition(target_num_rows_per_block=settings.rows_per_block)
     return ds.map_batches(
         TitleEncoder,
         fn_constructor_kwargs={"encoder_dir": str(settings.encoder_dir), "threads": settings.threads_per_actor,
@@ -383,7 +373,7 @@ def _encode_pending(pending: dict[Path, int], settings: EncodeSettings, result: 
         t0 = time.perf_counter()
         first = None
         try:
-            for batch in _dataset(list(todo), settings).iter_batches(batch_size=settings.rows_per_block,
+            for batch in _dataset(list(todo), settings, dim).iter_batches(batch_size=settings.rows_per_block,
                                                                           batch_format="numpy"):
                 now = time.perf_counter()
                 if first is None:

@@ -45,7 +45,8 @@ def _settings(input, output, encoder_dir, **kw) -> ei.EncodeSettings:
 @pytest.fixture(scope="module")
 def first_run(ray_local, shards, encoder_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("embeddings")
-    return ei.encode_items(_settings(shards, out, encoder_dir))
+    # Small blocks: 3000 titles in several blocks, so both actors take some.
+    return ei.encode_items(_settings(shards, out, encoder_dir, rows_per_block=256))
 
 
 def _read_output(folder: Path) -> dict[int, np.ndarray]:
