@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import tempfile
 import time
@@ -105,11 +106,12 @@ def markdown(report: dict, command: str) -> str:
             ("(c) Ray, 2 actors x 1 thread", two, f"{two['first_batch_s']:.1f}")]
     lines = [f"Item encoding: {report['settings']['items']} titles, encoder `{report['encoder']}`, batch "
              f"{report['settings']['batch_size']}, {report['cpus']} CPUs. Command: `{command}`", "",
-             "| run | steady items/s | wall items/s (with start-up) | wall s | Ray start s | to first batch s |",
-             "|---|---|---|---|---|---|"]
+             "| run | steady items/s | wall items/s (with start-up) | wall s | Ray start s | to first batch s "
+             "| load avg after |",
+             "|---|---|---|---|---|---|---|"]
     for name, r, first in rows:
         lines.append(f"| {name} | {r['steady_items_per_s']:.0f} | {r['wall_items_per_s']:.0f} | {r['wall_s']:.1f} | "
-                     f"{r.get('ray_start_s', 0):.1f} | {first} |")
+                     f"{r.get('ray_start_s', 0):.1f} | {first} | {r.get('load_1min', float('nan')):.1f} |")
     lines += ["", f"- scaling (c)/(b): {ev['scaling_2_vs_1']:.2f} (target >= {MIN_SCALING})",
               f"- Ray overhead 1-(b)/(a): {ev['ray_overhead']:.1%} (target <= {MAX_RAY_OVERHEAD:.0%})",
               f"- per-actor rate in the 2-actor run: {ev['per_actor_items_per_s']:.0f} items/s", "",
@@ -122,15 +124,15 @@ def markdown(report: dict, command: str) -> str:
 
 
 def run(settings: BenchSettings, encoder_dir: Path, work: Path) -> dict:
-    import os
-
     ids, titles = generate_titles(settings.items, settings.seed)
     shards = write_shards(ids, titles, work / "titles", settings.shards)
-    plain = plain_loop(encoder_dir, titles, settings.batch_size)
+    # The 1-minute load average after each run: on a shared 2-core machine another job's load moves
+    # these numbers more than Ray does, and the report should show it.
+    plain = {**plain_loop(encoder_dir, titles, settings.batch_size), "load_1min": os.getloadavg()[0]}
     log.info("plain loop: %.0f items/s", plain["steady_items_per_s"])
-    one = ray_run(encoder_dir, shards, work / "out-1", 1, settings)
+    one = {**ray_run(encoder_dir, shards, work / "out-1", 1, settings), "load_1min": os.getloadavg()[0]}
     log.info("Ray 1 actor: %.0f items/s steady", one["steady_items_per_s"])
-    two = ray_run(encoder_dir, shards, work / "out-2", 2, settings)
+    two = {**ray_run(encoder_dir, shards, work / "out-2", 2, settings), "load_1min": os.getloadavg()[0]}
     log.info("Ray 2 actors: %.0f items/s steady", two["steady_items_per_s"])
     return {"settings": asdict(settings), "encoder": encoder_dir.name, "cpus": os.cpu_count(),
             "plain": plain, "ray_1": one, "ray_2": two, "evaluation": evaluate(plain, one, two)}
