@@ -373,8 +373,8 @@ def _encode_pending(pending: dict[Path, int], settings: EncodeSettings, result: 
         t0 = time.perf_counter()
         first = None
         try:
-            for batch in _dataset(list(todo), settings, dim).iter_batches(batch_size=settings.rows_per_block,
-                                                                          batch_format="numpy"):
+            # batch_size=None: each actor call's output block as it is (no re-batching copies).
+            for batch in _dataset(list(todo), settings, dim).iter_batches(batch_size=None, batch_format="numpy"):
                 now = time.perf_counter()
                 if first is None:
                     first = now

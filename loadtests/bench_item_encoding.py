@@ -60,7 +60,8 @@ def write_shards(ids: np.ndarray, titles: list[str], folder: Path, n_shards: int
     folder.mkdir(parents=True, exist_ok=True)
     for i, rows in enumerate(np.array_split(np.arange(len(ids)), n_shards)):
         pq.write_table(pa.table({ID: pa.array(ids[rows], pa.int64()),
-                                 TITLE: pa.array([titles[r] for r in rows], pa.string())}), folder / f"part-{i:05d}.parquet")
+                                 TITLE: pa.array([titles[r] for r in rows], pa.string())}),
+                       folder / f"part-{i:05d}.parquet")
     return folder
 
 
@@ -73,8 +74,8 @@ def plain_loop(encoder_dir: Path, titles: list[str], batch_size: int) -> dict:
     t1 = time.perf_counter()
     encode_texts(tokenizer, session, titles, batch_size=batch_size, progress=True, desc="plain loop")
     t2 = time.perf_counter()
-    return {"items": len(titles), "wall_s": t2 - t0, "startup_s": t1 - t0, "steady_items_per_s": len(titles) / (t2 - t1),
-            "wall_items_per_s": len(titles) / (t2 - t0)}
+    return {"items": len(titles), "wall_s": t2 - t0, "startup_s": t1 - t0,
+            "steady_items_per_s": len(titles) / (t2 - t1), "wall_items_per_s": len(titles) / (t2 - t0)}
 
 
 def ray_run(encoder_dir: Path, shards: Path, out: Path, actors: int, settings: BenchSettings) -> dict:

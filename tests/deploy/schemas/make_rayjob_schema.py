@@ -1,4 +1,7 @@
-"""Regenerate rayjob-v1.schema.json from KubeRay's RayJob CRD (python tests/deploy/schemas/make_rayjob_schema.py CRD.yaml).
+"""Regenerate rayjob-v1.schema.json from KubeRay's RayJob CRD.
+
+    python tests/deploy/schemas/make_rayjob_schema.py ray.io_rayjobs.yaml "at commit SHA"
+
 
 Source: github.com/ray-project/kuberay, ray-operator/config/crd/bases/ray.io_rayjobs.yaml (version v1).
 The CRD's openAPIV3Schema is kept for the RayJob and RayCluster fields, without descriptions; the
