@@ -3,7 +3,6 @@ with 2 actors gives exactly the served encoder's embeddings, resumes shard by sh
 bad input and outputs that do not match their input."""
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
