@@ -19,13 +19,16 @@ PYTEST_ARGS ?=
 # encoder-frontier: keep-FLOPs/layers vs fidelity vs speed, one table (POINTS=0.5:0,0.35:2,...)
 .PHONY: encoder-frontier help venv models serve demo test test-unit test-server bench bench-latency bench-perf-analyzer bench-ranker loadtest \
 	loadtest-distributed reliability bench-overload clean deploy-tools image-bundle image k8s-render \
-	bench-catalog bench-catalog-serving swap-catalog
+	catalog bench-encoding bench-catalog bench-catalog-serving swap-catalog
 
 help:
 	@echo "make demo     build models, start Triton, rank sample queries, stop"
 	@echo "make test     run the test suite (unit + real-Triton server tests)"
 	@echo "make models   build artifacts (PROFILE=default|ci, ENCODER=int8|fp32) and render $(REPOSITORY);"
 	@echo "              the default profile also writes the encoder compression report (build/reports/encoder_compression.md)"
+	@echo "make catalog [CATALOG_INPUT=dir|glob CATALOG_OUTPUT=dir ACTORS=2 RAY_ADDRESS=host:port]   encode item titles"
+	@echo "              with the served encoder on Ray Data (default input: the PROFILE's catalog); resumable (docs/catalog.md)"
+	@echo "make bench-encoding [ITEMS=100000]   item-encoding throughput: one process vs Ray 1 and 2 actors, PASS/FAIL"
 	@echo "make encoder-frontier [POINTS=0.5:0,0.35:2]   pruning budget vs fidelity vs speed (docs/encoder_frontier.md)"
 	@echo "make serve    serve $(REPOSITORY) on ports $(HTTP_PORT)/$(GRPC_PORT)/$(METRICS_PORT) until Ctrl-C"
 	@echo "              REPLICAS=N: N servers (ports +10 each); prints the balanced client target"
@@ -37,6 +40,7 @@ help:
 	@echo "make bench-perf-analyzer   the same, cross-checked with Triton's perf_analyzer"
 	@echo "make reliability   overload, stub-kill, restart, hot-swap, cancellation and shutdown scenarios (real servers)"
 	@echo "make bench-overload   3x capacity with and without the queue policy, PASS/FAIL (docs/reliability.md)"
+	@echo "make bench-catalog   bench-encoding + bench-catalog-serving: the catalog at scale, both halves (docs/catalog.md)"
 	@echo "make bench-catalog-serving [CATALOG_SIZES=100000,1000000,10000000]   synthetic catalogs served by Triton:"
 	@echo "              start-up, memory, 1000-candidate lookup, FP16 storage; PASS/FAIL at 10M (docs/catalog_scale.md)"
 	@echo "make swap-catalog CATALOG=<artifact folder>   serve a new catalog version without a restart"
@@ -105,6 +109,22 @@ reliability: $(STAMP)
 bench-overload: models
 	$(PY) -m loadtests.overload --repository $(REPOSITORY) --compare-unbounded --json build/reports/overload.json
 
+# Item titles -> embedding shards with the served encoder on Ray Data (docs/catalog.md). A local Ray
+# unless RAY_ADDRESS names a cluster; finished shards are skipped on a rerun.
+CATALOG_INPUT ?=
+CATALOG_OUTPUT ?=
+ACTORS ?= 2
+RAY_ADDRESS ?=
+catalog: $(STAMP)
+	$(PY) -m conversion.encode_items --profile $(PROFILE) --encoder $(ENCODER) --actors $(ACTORS) \
+		$(if $(CATALOG_INPUT),--input "$(CATALOG_INPUT)") $(if $(CATALOG_OUTPUT),--output "$(CATALOG_OUTPUT)") \
+		$(if $(RAY_ADDRESS),--address $(RAY_ADDRESS))
+
+ITEMS ?= 100000
+bench-encoding: $(STAMP)
+	$(PY) -m loadtests.bench_item_encoding --profile $(PROFILE) --items $(ITEMS) --json build/reports/item_encoding.json \
+		$(if $(filter default,$(PROFILE)),--markdown build/reports/item_encoding.md)
+
 encoder-frontier: $(STAMP)
 	$(PY) -m conversion.encoder_frontier --points $(POINTS) --markdown docs/encoder_frontier.md
 
@@ -131,6 +151,12 @@ CATALOG_SIZES ?= 100000,1000000,10000000
 bench-catalog-serving: models
 	$(PY) -m loadtests.catalog_scale --sizes $(CATALOG_SIZES) --json build/reports/catalog_scale.json \
 		$(if $(filter default,$(PROFILE)),--markdown docs/catalog_scale.md)
+
+# Both halves of the catalog at scale, in one run: item encoding (Ray) and serving (1e5..1e7 items).
+# Both always run; the exit status is 1 if either missed a target.
+bench-catalog: models
+	@e=0; $(MAKE) --no-print-directory bench-encoding || e=1; \
+	$(MAKE) --no-print-directory bench-catalog-serving || e=1; exit $$e
 
 # Serve a new catalog artifact from a running (or stopped) repository without a restart.
 swap-catalog: $(STAMP)

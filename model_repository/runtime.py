@@ -62,7 +62,8 @@ class BucketTokenizer:
         return ids, mask
 
 
-def ort_session(onnx_path: Path | str, threads: int = 1):
+def ort_session(onnx_path: Path | str, threads: int = 1, providers: Sequence[str] = ("CPUExecutionProvider",)):
+    """An ONNX Runtime session; `providers` in priority order (offline jobs may pass CUDA/TensorRT)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -73,7 +74,7 @@ def ort_session(onnx_path: Path | str, threads: int = 1):
     # steal them from whichever model is running.
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(onnx_path), opts, providers=list(providers))
 
 
 def encode_texts(tokenizer: BucketTokenizer, session, texts: Sequence[str], batch_size: int = 64,

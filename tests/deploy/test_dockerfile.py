@@ -109,8 +109,9 @@ def test_copied_code_is_enough_for_the_entrypoint_and_backends(tmp_path):
     src = tmp_path / "src"
     _copied_sources(src)
     # deploy.probe: the liveness probe runs inside the container (deploy/k8s)
+    # conversion.encode_items: the item-encoding RayJob's entrypoint (deploy/k8s/rayjob)
     modules = ["deploy.entrypoint", "deploy.probe", "deploy.bundle", "deploy.engines", "model_repository.render",
-               "model_repository.runtime", "model_repository.spec"]
+               "model_repository.runtime", "model_repository.spec", "conversion.encode_items"]
     # Backends import triton_python_backend_utils, which only exists inside Triton: check they
     # are present as files, and import everything else from the copied tree only.
     for model in ("tokenizer", "encoder", "feature_lookup", "ranker", "top_k"):

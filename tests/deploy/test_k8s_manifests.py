@@ -329,3 +329,140 @@ def test_probe_paths_answer_on_a_real_server(rendered, triton):
                         f"--http-url={triton.http_url}", f"--repository={triton.settings.repository}"],
                        cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and r.stdout.startswith("live:"), r.stderr
+
+
+# ---- item-encoding RayJob (deploy/k8s/rayjob) --------------------------------------------------
+# kubernetes-validate knows no CRDs: the RayJob is checked against a subset of KubeRay's own RayJob
+# schema (tests/deploy/schemas, generated from the CRD), its pod templates as real Pods, and its
+# entrypoint with conversion.encode_items' own parser.
+
+RAYJOB = K8S / "rayjob"
+RAYJOB_SCHEMA = Path(__file__).parent / "schemas" / "rayjob-v1.schema.json"
+DOCKERFILE = REPO_ROOT / "deploy" / "docker" / "Dockerfile"
+
+
+@pytest.fixture(scope="module")
+def rayjob_docs(require_tool) -> list[dict]:
+    r = subprocess.run([require_tool("kubectl"), "kustomize", str(RAYJOB)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    return [d for d in yaml.safe_load_all(r.stdout) if d]
+
+
+def _entrypoint(rayjob: dict):
+    import shlex
+
+    from conversion import encode_items
+
+    command = shlex.split(rayjob["spec"]["entrypoint"])
+    assert command[:3] == ["python3", "-m", "conversion.encode_items"], command
+    return encode_items.build_parser().parse_args(command[3:])  # must be valid input to the real CLI
+
+
+def _pods(rayjob: dict) -> dict[str, dict]:
+    cluster = rayjob["spec"]["rayClusterSpec"]
+    return {"head": cluster["headGroupSpec"]["template"],
+            **{g["groupName"]: g["template"] for g in cluster["workerGroupSpecs"]}}
+
+
+def _mounts(template: dict) -> set[str]:
+    (c,) = template["spec"]["containers"]
+    return {m["mountPath"] for m in c.get("volumeMounts", [])}
+
+
+@pytest.mark.unit
+def test_rayjob_renders_the_job_and_its_volume(rayjob_docs):
+    assert sorted((d["kind"], d["metadata"]["name"]) for d in rayjob_docs) == [
+        ("PersistentVolumeClaim", "item-catalog"), ("RayJob", "item-encoding")]
+    assert {d["metadata"]["namespace"] for d in rayjob_docs} == {"search"}
+    assert _one(rayjob_docs, "RayJob")["apiVersion"] == "ray.io/v1"
+
+
+@pytest.mark.unit
+def test_rayjob_validates_against_kuberay_schema(rayjob_docs):
+    import jsonschema
+
+    schema = json.loads(RAYJOB_SCHEMA.read_text())
+    rayjob = _one(rayjob_docs, "RayJob")
+    jsonschema.validate(rayjob, schema)
+    bad = json.loads(json.dumps(rayjob))
+    bad["spec"]["shutdownAfterJobFinish"] = True  # misspelt: KubeRay would silently prune it
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(bad, schema)
+    bad = json.loads(json.dumps(rayjob))
+    bad["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["replicas"] = "4"
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(bad, schema)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_rayjob_pods_and_volume_validate_as_kubernetes_objects(rayjob_docs, version):
+    import kubernetes_validate
+
+    rayjob = _one(rayjob_docs, "RayJob")
+    objects = [_one(rayjob_docs, "PersistentVolumeClaim")] + [
+        {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": f"item-encoding-{group}"}, "spec": t["spec"]}
+        for group, t in _pods(rayjob).items()]
+    for obj in objects:
+        try:
+            kubernetes_validate.validate(obj, version, strict=True)
+        except kubernetes_validate.ValidationError as e:
+            pytest.fail(f"{obj['kind']}/{obj['metadata']['name']} on {version}: {e.message} at "
+                        f"{'/'.join(map(str, e.path))}")
+
+
+@pytest.mark.unit
+def test_rayjob_runs_the_encoder_on_the_serving_image(rayjob_docs, rendered):
+    from deploy.bundle import ENCODER_DIR
+
+    rayjob = _one(rayjob_docs, "RayJob")
+    args = _entrypoint(rayjob)
+    serving_image = _container(rendered["cpu"])["image"]
+    for group, template in _pods(rayjob).items():
+        (c,) = template["spec"]["containers"]
+        assert c["image"] == serving_image, group
+        assert template["spec"]["securityContext"]["runAsUser"] != 0
+    # The served encoder the image carries, not a profile build (the image has no torch).
+    (bundle,) = re.findall(r"SEARCHRANK_BUNDLE=(\S+)", DOCKERFILE.read_text())
+    assert args.encoder_dir == Path(bundle) / ENCODER_DIR
+    assert args.address is None, "KubeRay sets RAY_ADDRESS for the job's driver"
+    # Workers read the input; the driver (on the head) commits the outputs: both on the shared volume.
+    pods = _pods(rayjob)
+    for path in (Path(args.input), args.output):
+        for group, template in pods.items():
+            assert any(path.is_relative_to(m) for m in _mounts(template)), f"{path} is not mounted in {group}"
+    assert {v["persistentVolumeClaim"]["claimName"] for t in pods.values() for v in t["spec"]["volumes"]
+            if "persistentVolumeClaim" in v} == {_one(rayjob_docs, "PersistentVolumeClaim")["metadata"]["name"]}
+    assert all("/dev/shm" in _mounts(t) for t in pods.values()), "Ray's object store needs a real /dev/shm"
+
+
+def _cpus(quantity: str) -> float:
+    return float(quantity[:-1]) / 1000 if quantity.endswith("m") else float(quantity)
+
+
+@pytest.mark.unit
+def test_rayjob_workers_have_exactly_the_actors_cpus(rayjob_docs):
+    rayjob = _one(rayjob_docs, "RayJob")
+    args = _entrypoint(rayjob)
+    cluster = rayjob["spec"]["rayClusterSpec"]
+    (group,) = cluster["workerGroupSpecs"]
+    assert group["minReplicas"] == group["replicas"] == group["maxReplicas"], "a fixed pool: no autoscaler"
+    (c,) = group["template"]["spec"]["containers"]
+    cpus = _cpus(c["resources"]["limits"]["cpu"])
+    assert _cpus(c["resources"]["requests"]["cpu"]) == cpus, "Guaranteed CPUs for the ORT threads"
+    assert cpus % args.threads_per_actor == 0, "whole actors per worker"
+    assert group["replicas"] * cpus == args.actors * args.threads_per_actor
+    assert c["resources"]["limits"]["memory"] and "nvidia.com/gpu" not in json.dumps(c) and args.gpus_per_actor == 0
+    head_cpus = float(cluster["headGroupSpec"]["rayStartParams"]["num-cpus"])
+    assert 0 < head_cpus < args.threads_per_actor, "reads may run on the head, actors may not"
+
+
+@pytest.mark.unit
+def test_rayjob_cleans_up_and_matches_the_image_ray(rayjob_docs):
+    import ray
+
+    spec = _one(rayjob_docs, "RayJob")["spec"]
+    assert spec["shutdownAfterJobFinishes"] is True and spec["ttlSecondsAfterFinished"] > 0
+    requirements = (REPO_ROOT / "deploy" / "docker" / "requirements.txt").read_text()
+    assert f"ray[data]=={spec['rayClusterSpec']['rayVersion']}" in requirements.splitlines()
+    assert spec["rayClusterSpec"]["rayVersion"] == ray.__version__, "the tested Ray is the one the cluster runs"
