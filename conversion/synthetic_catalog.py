@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from model_repository.runtime import CatalogTables
+from model_repository.runtime import CatalogTables, stored_embeddings
 
 log = logging.getLogger(__name__)
 
@@ -62,14 +62,19 @@ def build_synthetic_catalog(out: Path, template: Path, settings: SyntheticCatalo
         emb = np.lib.format.open_memmap(tmp / "item_embeddings.npy", mode="w+",
                                         dtype=settings.embedding_dtype, shape=(n + 1, d))
         emb[0] = 0  # the cold-start row
+        scales = np.zeros(n + 1, dtype=np.float32) if settings.embedding_dtype == "int8" else None
         for start in tqdm(range(0, n, settings.chunk_rows), desc="synthetic embeddings", disable=not progress,
                           mininterval=1.0):
             rows = min(settings.chunk_rows, n - start)
             block = rng.standard_normal((rows, d), dtype=np.float32)
             block /= np.linalg.norm(block, axis=1, keepdims=True)
-            emb[1 + start: 1 + start + rows] = block
+            stored, block_scales = stored_embeddings(block, settings.embedding_dtype)
+            emb[1 + start: 1 + start + rows] = stored
+            if scales is not None:
+                scales[1 + start: 1 + start + rows] = block_scales
         tables = CatalogTables(item_ids=item_ids, item_embeddings=emb, item_features=features,
-                               user_ids=np.asarray(source.user_ids), user_features=np.asarray(source.user_features))
+                               user_ids=np.asarray(source.user_ids), user_features=np.asarray(source.user_features),
+                               item_embedding_scales=scales)
         tables.save(tmp, meta={"synthetic": True, "seed": settings.seed, "template": str(template)})
         del emb, tables
         if out.exists():

@@ -215,6 +215,19 @@ class ItemIndex:
                    info["bits"], info["max_probe"])
 
 
+def stored_embeddings(block: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """Rows of float embeddings in the catalog's storage precision: (rows, per-row scales or None).
+
+    int8 is symmetric per row: a row's largest magnitude maps to 127, so a unit vector keeps about
+    two and a half significant digits per element (docs/catalog.md measures the ranking effect).
+    """
+    if dtype != "int8":
+        return block.astype(dtype), None
+    scales = np.abs(block).max(axis=1) / 127.0
+    safe = np.where(scales > 0, scales, 1.0)
+    return np.rint(block / safe[:, None]).astype(np.int8), scales.astype(np.float32)
+
+
 @dataclass
 class CatalogTables:
     """The catalog artifact: sorted id arrays plus feature tables whose row 0 is the cold-start row.
@@ -225,14 +238,16 @@ class CatalogTables:
     """
 
     item_ids: np.ndarray  # int64 [n] sorted
-    item_embeddings: np.ndarray  # float32 or float16 [n + 1, d]
+    item_embeddings: np.ndarray  # float32, float16 or int8 [n + 1, d]
     item_features: np.ndarray  # int64 [n + 1, len(ITEM_FEATURE_COLUMNS)]
     user_ids: np.ndarray  # int64 [m] sorted
     user_features: np.ndarray  # int64 [m + 1, len(USER_FEATURE_COLUMNS)]
     item_index: ItemIndex | None = None  # O(1) id -> row; None: binary search on item_ids
+    item_embedding_scales: np.ndarray | None = None  # float32 [n + 1]: int8 rows times their scale
 
     FILES = ("item_ids", "item_embeddings", "item_features", "user_ids", "user_features")
-    EMBEDDING_DTYPES = ("float32", "float16")
+    EMBEDDING_DTYPES = ("float32", "float16", "int8")
+    SCALES = "item_embedding_scales"
     TITLES = "item_titles.json"
     META = "catalog_meta.json"
 
@@ -248,6 +263,10 @@ class CatalogTables:
         folder = Path(folder)
         if self.item_embeddings.dtype.name not in self.EMBEDDING_DTYPES:
             raise ValueError(f"item_embeddings must be one of {self.EMBEDDING_DTYPES}, got {self.item_embeddings.dtype}")
+        if (self.item_embeddings.dtype == np.int8) != (self.item_embedding_scales is not None):
+            raise ValueError("int8 item_embeddings need item_embedding_scales (and only they do)")
+        if self.item_embedding_scales is not None:
+            np.save(folder / f"{self.SCALES}.npy", np.ascontiguousarray(self.item_embedding_scales, dtype=np.float32))
         for name in self.FILES:
             array, path = getattr(self, name), folder / f"{name}.npy"
             if isinstance(array, np.memmap) and array.filename and Path(array.filename).resolve() == path.resolve():
@@ -270,6 +289,9 @@ class CatalogTables:
         meta_path = folder / cls.META
         meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
         tables = {name: np.load(folder / f"{name}.npy", mmap_mode=mode) for name in cls.FILES}
+        scales = folder / f"{cls.SCALES}.npy"
+        if scales.is_file():
+            tables["item_embedding_scales"] = np.load(scales, mmap_mode=mode)
         return cls(**tables, item_index=ItemIndex.load(folder, meta, mmap))
 
     @staticmethod
@@ -296,6 +318,8 @@ class CatalogTables:
 
     def embedding_rows(self, rows: np.ndarray) -> np.ndarray:
         """float32 [len(rows), d], whatever the stored precision (the ranker's input is FP32)."""
+        if self.item_embedding_scales is not None:
+            return np.multiply(self.item_embeddings[rows], self.item_embedding_scales[rows, None], dtype=np.float32)
         return np.asarray(self.item_embeddings[rows], dtype=np.float32)
 
     def candidate_rows(self, item_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -209,3 +209,42 @@ def test_cluster_address_comes_from_the_flag_or_ray_address(monkeypatch):
     assert ei._in_ray_cluster("ray://head:10001")
     monkeypatch.setenv("RAY_ADDRESS", "head:6379")
     assert ei._in_ray_cluster(None)
+
+
+# ---- from embedding shards to a served catalog artifact -----------------------------------------
+
+@pytest.mark.unit
+def test_embedding_shards_assemble_into_the_artifact_make_models_serves(first_run, ci_models, tmp_path):
+    """`make catalog`'s output, assembled (conversion.catalog_artifact --embeddings), is the stage-05
+    artifact: the same ids and features, embeddings equal to the in-process encoding, and a
+    catalog the served ranker can swap in."""
+    from conversion.build_models import profile_settings
+    from conversion.catalog_artifact import artifact_from_embedding_shards
+    from conversion.catalog_generator import Catalog, build_catalog
+    from model_repository.catalog_store import check_catalog
+    from model_repository.runtime import CatalogTables
+
+    catalog = Catalog.load(build_catalog(profile_settings("ci").artifact.catalog))
+    out = artifact_from_embedding_shards(first_run.output, catalog, tmp_path / "from-ray", progress=False)
+    got, want = CatalogTables.load(out), CatalogTables.load(ci_models["catalog_artifact"])
+    np.testing.assert_array_equal(got.item_ids, want.item_ids)
+    np.testing.assert_array_equal(got.item_features, want.item_features)
+    np.testing.assert_array_equal(got.user_features, want.user_features)
+    assert not np.asarray(got.item_embeddings[0]).any()
+    assert _cosine(np.asarray(got.item_embeddings[1:]), np.asarray(want.item_embeddings[1:])).min() >= MIN_COSINE
+    check_catalog(out, want.embedding_dim)
+    np.testing.assert_array_equal(got.item_rows(want.item_ids[:100]), np.arange(1, 101))
+
+
+@pytest.mark.unit
+def test_assembling_refuses_duplicate_ids_and_empty_folders(first_run, tmp_path):
+    from conversion.catalog_artifact import main
+
+    assert main(["--embeddings", str(tmp_path), "--out", str(tmp_path / "x"), "--profile", "ci"]) == 2
+    dup = tmp_path / "dup"
+    dup.mkdir()
+    first = sorted(first_run.output.glob("*.parquet"))[0]
+    shutil.copy(first, dup / "a.parquet")
+    shutil.copy(first, dup / "b.parquet")
+    assert main(["--embeddings", str(dup), "--out", str(tmp_path / "y"), "--profile", "ci"]) == 2
+    assert not (tmp_path / "y").exists()

@@ -11,10 +11,8 @@ from conversion.stages import build_root
 from loadtests import catalog_scale as cs
 
 
-def _result(items: int, startup: float = 3.0, lookup: float = 0.5, served: float = 0.6, pss: float = 1.0,
-            artifact: float = 7.2) -> dict:
-    return {"items": items, "startup_s": startup, "lookup_p50_ms": lookup, "served_lookup_ms": served,
-            "pss_gib": pss, "artifact_gib": artifact}
+def _result(items: int, startup: float = 3.0, lookup: float = 0.5, anon: float = 1.0, artifact: float = 3.9) -> dict:
+    return {"items": items, "startup_s": startup, "lookup_p50_ms": lookup, "anon_gib": anon, "artifact_gib": artifact}
 
 
 @pytest.mark.unit
@@ -22,8 +20,10 @@ def test_targets_are_judged_at_the_target_size_only():
     targets = cs.ScaleTargets()
     ok = cs.verdicts([_result(100_000, startup=99), _result(10_000_000)], targets, 23.5)
     assert all(passed for _, passed, _ in ok)
-    bad = cs.verdicts([_result(10_000_000, startup=16.0, lookup=1.2, served=0.5, pss=17.0)], targets, 23.5)
-    assert [passed for _, passed, _ in bad] == [False, False, True, False]
+    bad = cs.verdicts([_result(10_000_000, startup=16.0, lookup=1.2, anon=17.0, artifact=7.7)], targets, 23.5)
+    assert [passed for _, passed, _ in bad] == [False, False, False]
+    assert [passed for _, passed, _ in cs.verdicts([_result(10_000_000, anon=2.0, artifact=23.0)], targets, 23.5)] \
+        == [True, True, False]
     small = cs.verdicts([_result(1_000_000, startup=99, lookup=9)], targets, 23.5)
     assert all(passed for _, passed, _ in small) and all("informational" in name for name, _, _ in small)
 
@@ -42,16 +42,19 @@ def test_ci_sized_run_serves_a_synthetic_catalog_and_reports(ci_models, tmp_path
     assert code == 0  # below the target size every rule is informational
     report = json.loads(out_json.read_text())
     (r,) = report["results"]
-    assert r["items"] == 20_000 and r["embedding_dtype"] == "float16"
-    # 20001 x 384 float16 embeddings plus ids, features and the index
-    assert 20_001 * 384 * 2 / 2**30 < r["artifact_gib"] < 0.1
-    assert 0 < r["startup_s"] < 180 and 0 < r["pss_gib"] <= r["rss_gib"]
+    assert r["items"] == 20_000 and r["embedding_dtype"] == "int8"
+    # 20001 x 384 int8 embeddings plus scales, ids, features and the index
+    assert 20_001 * 384 / 2**30 < r["artifact_gib"] < 0.05
+    assert 0 < r["startup_s"] < 180 and 0 < r["anon_gib"] and 0 < r["pss_gib"] <= r["rss_gib"]
     assert 0 < r["index_p50_ms"] <= r["lookup_p50_ms"] <= r["lookup_p99_ms"]
     assert r["served_lookup_ms"] > 0 and r["search_rank_p50_ms"] > r["served_lookup_ms"]
-    effect = report["fp16_effect"]
-    # FP16 keeps ~3 decimal digits of a unit vector: the ranking must not notice
-    assert abs(effect["auc_float32"] - effect["auc_float16"]) < 1e-3
-    assert effect["top10_agreement"] >= 0.95 and effect["max_score_diff"] < 1e-2
-    assert "| 20,000 | float16 |" in out_md.read_text()
+    by = report["storage_effect"]["by_dtype"]
+    assert by["float32"]["top10_agreement"] == 1.0 and by["float32"]["max_score_diff"] == 0.0
+    # FP16 keeps ~3 significant digits of a unit vector, per-row INT8 ~2.5: the ranking must not notice
+    for dtype in ("float16", "int8"):
+        assert abs(by[dtype]["auc"] - by["float32"]["auc"]) < 1e-3
+        assert by[dtype]["top10_agreement"] >= 0.95 and 0 < by[dtype]["max_score_diff"] < 1e-2
+    assert by["int8"]["bytes_per_item"] == 384 + 4 and by["float16"]["bytes_per_item"] == 768
+    assert "| 20,000 | int8 |" in out_md.read_text()
     # the artifact and its repository are deleted afterwards (at 10M items they are GBs)
     assert not list((build_root() / "catalog_scale").glob("*-20000*"))

@@ -17,7 +17,7 @@ from conversion.synthetic_catalog import SyntheticCatalogSettings, build_synthet
 from model_repository import catalog_store  # noqa: E402
 from model_repository.backends.feature_lookup import CatalogReloader  # noqa: E402
 from model_repository.runtime import (COLD_START_ROW, CatalogTables, ItemIndex, active_catalog,  # noqa: E402
-                                      served_catalog_dir)
+                                      served_catalog_dir, stored_embeddings)
 
 pytestmark = pytest.mark.unit
 
@@ -115,6 +115,25 @@ def test_fp16_embeddings_come_back_as_float32_within_half_precision(template, tm
     assert got.dtype == np.float32
     # unit vectors: float16 keeps 11 significant bits
     assert np.abs(got - tables.item_embeddings).max() < 2e-3
+
+
+def test_int8_embeddings_come_back_within_half_a_step_of_their_row_scale(template, tmp_path):
+    tables = CatalogTables.load(template, mmap=False)
+    stored, scales = stored_embeddings(tables.item_embeddings, "int8")
+    assert stored.dtype == np.int8 and scales[0] == 0  # the all-zero cold-start row stays zero
+    CatalogTables(tables.item_ids, stored, tables.item_features, tables.user_ids, tables.user_features,
+                  item_embedding_scales=scales).save(tmp_path)
+    reloaded = CatalogTables.load(tmp_path)
+    assert reloaded.item_embeddings.dtype == np.int8 and reloaded.item_embedding_scales.shape == (len(stored),)
+    got = reloaded.embedding_rows(np.arange(len(stored)))
+    assert got.dtype == np.float32 and not got[0].any()
+    step = np.abs(tables.item_embeddings).max(axis=1) / 127
+    assert (np.abs(got - tables.item_embeddings) <= step[:, None] / 2 + 1e-7).all()
+    # each row's largest element is exact up to float rounding
+    assert np.abs(np.abs(got[1:]).max(axis=1) - np.abs(tables.item_embeddings[1:]).max(axis=1)).max() < 1e-6
+    with pytest.raises(ValueError, match="scales"):
+        CatalogTables(tables.item_ids, stored, tables.item_features, tables.user_ids,
+                      tables.user_features).save(tmp_path)
 
 
 def test_unsupported_embedding_dtype_is_refused(tmp_path):
