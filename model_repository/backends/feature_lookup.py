@@ -11,6 +11,7 @@ keeps serving: a bad upload must not fail requests.
 from __future__ import annotations
 
 import os
+import threading
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -71,6 +72,13 @@ class CatalogReloader:
             return
         self.version, self.tables = folder.name, tables
         self.log.log_info(f"serving catalog {folder.name} ({len(tables.item_ids)} items)")
+        threading.Thread(target=self._prefault, args=(tables, folder.name), daemon=True).start()
+
+    def _prefault(self, tables, name: str) -> None:
+        try:
+            self.log.log_info(f"catalog {name}: every page mapped in {tables.prefault():.2f} s")
+        except Exception as e:  # a failed warm-up only costs speed, never requests
+            self.log.log_error(f"catalog {name}: prefault failed: {e}")
 
 
 class TritonPythonModel:
