@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 from client import RetryPolicy, SearchClient, SearchError
-from conversion.catalog_generator import Catalog
 from conversion.reference_pipeline import ReferencePipeline
 from conversion.synthetic_catalog import SyntheticCatalogSettings, build_synthetic_catalog
 from model_repository import catalog_store
@@ -26,11 +25,13 @@ TOL = 1e-3  # as tests/client/test_search_rank_server.py: static INT8 encoder, f
 
 @pytest.fixture(scope="module")
 def reference(ci_models) -> ReferencePipeline:
+    """Its item table is replaced per test (expected_ranking), so it is not shared."""
     return ReferencePipeline(ci_models["encoder"], ci_models["catalog_artifact"], ci_models["ranker"])
 
 
 @pytest.fixture(scope="module")
-def catalog(ci_models) -> Catalog:
+def catalog(ci_models):
+    
     return Catalog.load(ci_models["catalog"])
 
 
