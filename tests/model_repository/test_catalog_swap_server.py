@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from client import RetryPolicy, SearchClient, SearchError
+from conversion.catalog_generator import Catalog
 from conversion.reference_pipeline import ReferencePipeline
 from conversion.synthetic_catalog import SyntheticCatalogSettings, build_synthetic_catalog
 from model_repository import catalog_store
@@ -30,8 +31,7 @@ def reference(ci_models) -> ReferencePipeline:
 
 
 @pytest.fixture(scope="module")
-def catalog(ci_models):
-    
+def catalog(ci_models) -> Catalog:
     return Catalog.load(ci_models["catalog"])
 
 
