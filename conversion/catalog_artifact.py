@@ -114,9 +114,6 @@ def artifact_from_embedding_shards(shards: Path, catalog: Catalog, out: Path, em
     Streaming: ids are read first (8 bytes an item), then embeddings are scattered shard by shard
     into the memory-mapped table, so a 10M-item catalog never sits in memory. The folder appears
     only once complete; serve it with `make swap-catalog CATALOG=<out>`."""
-    import os
-    import shutil
-
     import pyarrow.parquet as pq
     from tqdm import tqdm
 
@@ -131,10 +128,7 @@ def artifact_from_embedding_shards(shards: Path, catalog: Catalog, out: Path, em
         raise ValueError(f"{shards}: item ids repeat across shards ({len(item_ids) - len(np.unique(item_ids))} duplicates)")
     dim = pq.read_schema(files[0]).field(EMBEDDING).type.list_size
     out = Path(out)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with stages.atomic_folder(out) as tmp:
         emb = np.lib.format.open_memmap(tmp / "item_embeddings.npy", mode="w+", dtype=embedding_dtype,
                                         shape=(len(item_ids) + 1, dim))
         emb[0] = 0
@@ -152,11 +146,6 @@ def artifact_from_embedding_shards(shards: Path, catalog: Catalog, out: Path, em
                       user_features=user_features, item_embedding_scales=scales,
                       ).save(tmp, meta={"embeddings": str(Path(shards).resolve())})
         del emb
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

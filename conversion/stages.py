@@ -53,8 +53,9 @@ def is_complete(path: Path) -> bool:
 
 
 @contextmanager
-def atomic_stage(out_dir: Path, settings: Any) -> Iterator[Path]:
-    """Yield a scratch folder; on success it becomes `out_dir` with settings.json inside."""
+def atomic_folder(out_dir: Path) -> Iterator[Path]:
+    """Yield a scratch sibling folder; on success it replaces `out_dir`, on failure it is removed,
+    so `out_dir` is never seen half-written."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
@@ -62,10 +63,17 @@ def atomic_stage(out_dir: Path, settings: Any) -> Iterator[Path]:
     tmp.mkdir(parents=True)
     try:
         yield tmp
-        (tmp / SETTINGS_FILE).write_text(json.dumps(_jsonable(settings), indent=2, sort_keys=True))
         if out_dir.exists():
             shutil.rmtree(out_dir)
         tmp.rename(out_dir)
-        log.info("stage complete: %s", out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def atomic_stage(out_dir: Path, settings: Any) -> Iterator[Path]:
+    """Yield a scratch folder; on success it becomes `out_dir` with settings.json inside."""
+    with atomic_folder(out_dir) as tmp:
+        yield tmp
+        (tmp / SETTINGS_FILE).write_text(json.dumps(_jsonable(settings), indent=2, sort_keys=True))
+    log.info("stage complete: %s", out_dir)

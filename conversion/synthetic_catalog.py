@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -21,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from conversion.stages import atomic_folder
 from model_repository.runtime import CatalogTables, stored_embeddings
 
 log = logging.getLogger(__name__)
@@ -48,10 +47,7 @@ def build_synthetic_catalog(out: Path, template: Path, settings: SyntheticCatalo
 
     started = time.perf_counter()
     out = Path(out)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_folder(out) as tmp:
         source = CatalogTables.load(template)
         rng = np.random.default_rng(settings.seed)
         n, d = settings.items, source.embedding_dim
@@ -77,11 +73,6 @@ def build_synthetic_catalog(out: Path, template: Path, settings: SyntheticCatalo
                                item_embedding_scales=scales)
         tables.save(tmp, meta={"synthetic": True, "seed": settings.seed, "template": str(template)})
         del emb, tables
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     size = sum(p.stat().st_size for p in out.iterdir())
     return {"items": settings.items, "build_s": time.perf_counter() - started, "bytes": size,
             "embedding_dtype": settings.embedding_dtype}
