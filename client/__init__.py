@@ -49,7 +49,7 @@ NEVER_RETRIED = ("INVALID_ARGUMENT", "RESOURCE_EXHAUSTED", "UNAUTHENTICATED", "P
 class RetryPolicy:
     """Retry what another replica can answer; ranking is read-only, so a repeat is harmless.
 
-    UNAVAILABLE: the replica is gone, its connection dropped, or its queue is full. NOT_FOUND: a
+    UNAVAILABLE: the replica is gone, its connection dropped, or its queue refused the call. NOT_FOUND: a
     stopping Triton keeps its gRPC port open while it unloads models during --exit-timeout-secs and
     answers "search_rank has no available versions"; measured here, a graceful stop of one of two
     replicas under load failed about 230 calls in 3.7 s without this. Attempts share the call's
@@ -63,7 +63,10 @@ class RetryPolicy:
     backoff_s: float = 0.05  # before the 2nd retry; doubled after each further one
     max_backoff_s: float = 1.0
     jitter: float = 0.5  # a pause is drawn uniformly from [(1 - jitter) * p, p]
-    retry_on: tuple[str, ...] = ("UNAVAILABLE", "NOT_FOUND")
+    # CANCELLED: SearchClient never cancels its own calls, so it comes from a server whose gRPC
+    # endpoint shut down with the call in flight (the end of a replica's drain in a rolling update;
+    # seen once in 2614 calls of tests/deploy/test_rolling_swap_server.py).
+    retry_on: tuple[str, ...] = ("UNAVAILABLE", "NOT_FOUND", "CANCELLED")
     budget_tokens: float = 10.0  # RetryBudget: see there; 0 disables the budget
     # gRPC suggests 0.1 for services where failures are rare. Here one draining replica of two fails
     # a third of all attempts for the whole exit timeout, and those retries must go through; 1.0
