@@ -11,27 +11,17 @@ from tritonclient.utils import InferenceServerException
 
 from search_rank_client import _common as common
 from search_rank_client import contract
-from search_rank_client._common import DEFAULT_URL, CallStats, RankedItem, RetryBudget, RetryPolicy, SearchError
-from search_rank_client.channel import ChannelSettings, ClientTls, channel_args, grpc_target
+from search_rank_client._common import RankedItem, SearchError
 
 log = logging.getLogger(__name__)
 
 
-class SearchClient:
+class SearchClient(common.ClientBase):
     """`url`: "host:port", "dns:///name:port", "a:port,b:port" or a list of addresses.
 
     Thread-safe: one client (one channel) is meant to be shared by a service's threads."""
 
-    def __init__(self, url: str | Sequence[str] = DEFAULT_URL, timeout_s: float = 2.0,
-                 retry: RetryPolicy = RetryPolicy(), channel: ChannelSettings = ChannelSettings(),
-                 tls: ClientTls | None = None):
-        self.url = grpc_target(url)
-        self.timeout_s = timeout_s
-        self.retry = retry
-        self.stats = CallStats()
-        self.budget = RetryBudget(retry.budget_tokens, retry.budget_token_ratio)
-        self._grpc = grpcclient.InferenceServerClient(self.url, channel_args=channel_args(channel),
-                                                      **(tls.client_kwargs() if tls else {}))
+    _grpc_module = grpcclient
 
     def __enter__(self) -> "SearchClient":
         return self
@@ -44,7 +34,7 @@ class SearchClient:
 
     def _infer(self, model: str, inputs, outputs: Sequence[contract.Tensor], timeout_s: float | None):
         requested = common.requested_outputs(outputs)
-        attempts = common.Attempts(self.retry, self.budget, self.stats, timeout_s or self.timeout_s)
+        attempts = self._attempts(timeout_s)
         while True:
             try:
                 result = self._grpc.infer(model, inputs, outputs=requested, client_timeout=attempts.next_timeout_s())

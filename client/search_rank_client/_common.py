@@ -14,6 +14,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from search_rank_client import contract
+from search_rank_client.channel import ChannelSettings, ClientTls, channel_args, grpc_target
 
 DEFAULT_URL = "127.0.0.1:8001"
 
@@ -217,3 +218,24 @@ class Attempts:
     def succeeded(self) -> None:
         self.budget.record(success=True)
         self.stats.add(self.attempt - 1, None)
+
+
+class ClientBase:
+    """Settings and channel of either client; `_grpc_module` is tritonclient.grpc or its aio twin,
+    whose InferenceServerClient takes the same arguments."""
+
+    _grpc_module = grpcclient
+
+    def __init__(self, url: str | Sequence[str] = DEFAULT_URL, timeout_s: float = 2.0,
+                 retry: RetryPolicy = RetryPolicy(), channel: ChannelSettings = ChannelSettings(),
+                 tls: ClientTls | None = None):
+        self.url = grpc_target(url)
+        self.timeout_s = timeout_s
+        self.retry = retry
+        self.stats = CallStats()
+        self.budget = RetryBudget(retry.budget_tokens, retry.budget_token_ratio)
+        self._grpc = self._grpc_module.InferenceServerClient(self.url, channel_args=channel_args(channel),
+                                                             **(tls.client_kwargs() if tls else {}))
+
+    def _attempts(self, timeout_s: float | None) -> Attempts:
+        return Attempts(self.retry, self.budget, self.stats, timeout_s or self.timeout_s)
