@@ -10,7 +10,10 @@ absent = {name: importlib.util.find_spec(name) is None
           for name in ("torch", "onnxruntime", "tritonserver", "pytriton", "model_repository", "conversion",
                        "loadtests", "deploy", "client")}
 
-from search_rank_client import AsyncSearchClient, InvalidRequest, SearchClient  # noqa: E402
+from search_rank_client import AsyncSearchClient, InvalidRequest, RetryPolicy, SearchClient  # noqa: E402
+
+# admission refusals (UNAVAILABLE) on a busy 2-core machine are retried, given the attempts
+PATIENT = RetryPolicy(max_attempts=10, backoff_s=0.05, budget_tokens=0)
 
 
 def invalid_argument(call):
@@ -21,7 +24,7 @@ def invalid_argument(call):
     return None
 
 
-with SearchClient(url, timeout_s=30.0) as c:
+with SearchClient(url, timeout_s=30.0, retry=PATIENT) as c:
     blocking = {
         "rank": [[r.item_id, r.score] for r in c.rank("waterproof hiking boots", 3, ids, top_k=5)],
         "embed": c.embed("waterproof hiking boots").tolist(),
@@ -30,7 +33,7 @@ with SearchClient(url, timeout_s=30.0) as c:
 
 
 async def main():
-    async with AsyncSearchClient(url, timeout_s=30.0) as c:
+    async with AsyncSearchClient(url, timeout_s=30.0, retry=PATIENT) as c:
         ranked, emb = await asyncio.gather(c.rank("waterproof hiking boots", 3, ids, top_k=5),
                                            c.embed("waterproof hiking boots"))
         try:

@@ -12,6 +12,9 @@ from search_rank_client import AsyncSearchClient, InvalidRequest, RetryPolicy, S
 from model_repository.triton_server import free_port
 
 
+PATIENT = RetryPolicy(max_attempts=10, backoff_s=0.05, budget_tokens=0)
+
+
 def _run(coro):
     return asyncio.run(coro)
 
@@ -64,7 +67,9 @@ def test_async_answers_equal_blocking_ones_under_concurrency(triton, ci_models):
     queries = ["waterproof hiking boots", "red running shoes", "cast iron frying pan"]
 
     async def calls():
-        async with AsyncSearchClient(triton.grpc_url, timeout_s=60.0) as client:
+        # Twelve calls at once on a 2-core machine can meet the queue policy's admission refusal
+        # (UNAVAILABLE, spec.ADMISSION_REFUSAL); the client retries those, given the attempts.
+        async with AsyncSearchClient(triton.grpc_url, timeout_s=60.0, retry=PATIENT) as client:
             assert await client.is_live() and await client.is_ready()
             ranked = await asyncio.gather(*(client.rank(queries[i % 3], i, s, top_k=10) for i, s in enumerate(sets)))
             embs = await asyncio.gather(*(client.embed(q) for q in queries))
@@ -75,7 +80,7 @@ def test_async_answers_equal_blocking_ones_under_concurrency(triton, ci_models):
     ranked, embs, invalid, stats = _run(calls())
     assert invalid.code == "INVALID_ARGUMENT" and "QUERY" in invalid.message
     assert stats.failures == 1 and stats.by_code == {"INVALID_ARGUMENT": 1}  # never retried
-    with SearchClient(triton.grpc_url, timeout_s=60.0) as client:
+    with SearchClient(triton.grpc_url, timeout_s=60.0, retry=PATIENT) as client:
         for i, (s, got) in enumerate(zip(sets, ranked)):
             want = client.rank(queries[i % 3], i, s, top_k=10)
             assert [r.item_id for r in got] == [r.item_id for r in want]
