@@ -91,19 +91,28 @@ def fp32_artifacts(profile: str, model: str = ""):
 
 
 def encoder_report(profile: str, markdown: Path | None = None, model: str = "", rounds: int = 3,
-                   force: bool = False) -> dict:
-    """Measure FP32 vs compressed encoders (cached beside the build unless `force`)."""
-    from conversion.encoder_report import build_report, write_report
+                   force: bool = False, eval_texts: Path | None = None) -> dict:
+    """Measure FP32 vs compressed encoders (cached beside the build unless `force`).
+
+    eval_texts: a user's file for the fidelity gate (conversion/broad_text.py's format); default
+    the bundled broad set. A cached report measured on other texts is measured again.
+    """
+    from conversion.broad_text import load_eval_texts
+    from conversion.encoder_report import BROAD, build_report, write_report
 
     settings = profile_settings(profile, model)
     compression = settings.artifact.compression
+    texts = load_eval_texts(eval_texts)  # first, so a bad file fails before any build work
     fp32, compressed = export_encoder(settings.artifact.encoder), served_encoder(settings.artifact)
-    json_path = build_root() / "reports" / f"encoder-compression-{compressed.name}.json"
-    if json_path.is_file() and not force:
-        report = json.loads(json_path.read_text())
+    json_path = build_root() / "reports" / f"encoder-compression-{compressed.name}-{texts.sha256[:10]}.json"
+    cached = json.loads(json_path.read_text()) if json_path.is_file() and not force else None
+    if cached is not None and cached.get("eval", {}).get(BROAD, {}).get("sha256") == texts.sha256:
+        report = cached
     else:
-        report = build_report(fp32, compressed, compression.prune.catalog, rounds=rounds)
+        report = build_report(fp32, compressed, compression.prune.catalog, rounds=rounds, eval_texts=texts)
     command = f"make models PROFILE={profile}" if profile != "default" else "make models"
+    if eval_texts is not None:
+        command += f" (--eval-texts {eval_texts})"
     write_report(report, json_path, markdown, command)
     return report
 
@@ -130,6 +139,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="served encoder: pruned + INT8 (default) or the FP32 export")
     p.add_argument("--report-markdown", type=Path,
                    help="measure the encoder compression report and write its markdown table here")
+    p.add_argument("--eval-texts", type=Path,
+                   help="with --report-markdown: judge encoder fidelity on this file (one text per line, each "
+                        "starting 'query<TAB>' or 'title<TAB>') instead of the bundled broad set")
     p.add_argument("--manifest", type=Path,
                    help="write the served artifacts' folders here, for `python -m model_repository.render --artifacts`")
     p.add_argument("--repository", type=Path, help="also render the CPU model repository into this folder")
@@ -137,10 +149,15 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         settings = profile_settings(args.profile, args.model, args.encoder)
+        if args.eval_texts:  # a bad file fails in one line before minutes of building, not after
+            from conversion.broad_text import load_eval_texts
+
+            load_eval_texts(args.eval_texts)
         folders = build(settings)
         out = report(folders)
         if args.report_markdown and settings.artifact.compression is not None:
-            out["encoder_compression"] = encoder_report(args.profile, args.report_markdown, args.model)["targets"]
+            out["encoder_compression"] = encoder_report(args.profile, args.report_markdown, args.model,
+                                                        eval_texts=args.eval_texts)["targets"]
         if args.manifest or args.repository:
             artifacts, dim = built_artifacts(args.profile, args.model, args.encoder)
             if args.manifest:

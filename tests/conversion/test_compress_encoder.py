@@ -10,7 +10,8 @@ import pytest
 from conversion import compress_encoder as ce
 from conversion.build_models import built_artifacts, profile_settings
 from conversion.catalog_generator import Catalog
-from conversion.encoder_report import build_report, markdown, top_k_overlap
+from conversion.broad_text import load_broad_texts
+from conversion.encoder_report import BROAD, CATALOG, INT8, QDQ, SET_LABELS, build_report, markdown, top_k_overlap
 from conversion.export_encoder import ENCODER_ONNX, REPORT_JSON, TOKENIZER_JSON
 from conversion.prune_encoder import split_texts
 from conversion.quantize import check_qdq_structure
@@ -95,15 +96,41 @@ def test_report_measures_every_variant(ci_models, compressed):
     settings = profile_settings("ci")
     report = build_report(ci_models["encoder_fp32"], compressed, settings.artifact.catalog, rounds=1)
     rows = report["variants"]
-    assert set(rows) == {"fp32", "pruned", "pruned+int8 (ORT CPU)", "pruned+qdq (TensorRT)"}
-    assert rows["fp32"]["mean_cosine"] == pytest.approx(1.0, abs=1e-6)
-    assert rows["fp32"]["top10_overlap"] == 1.0
+    assert set(rows) == {"fp32", "pruned", INT8, QDQ}
+    for which in (BROAD, CATALOG):  # the teacher against itself, on both sets
+        assert rows["fp32"]["fidelity"][which]["mean_cosine"] == pytest.approx(1.0, abs=1e-6)
+        assert rows["fp32"]["fidelity"][which]["top10_overlap"] == 1.0
     assert rows["pruned"]["gflops_seq16"] < rows["fp32"]["gflops_seq16"]
     assert rows["pruned"]["parameters"] < rows["fp32"]["parameters"]
     assert all(r["latency_1x16_ms"] > 0 and r["throughput_32x32"] > 0 for r in rows.values())
-    assert set(report["targets"]) == {"throughput_ratio_32x32", "latency_ratio_1x16", "mean_cosine", "top10_overlap"}
+    broad = load_broad_texts()
+    assert report["eval"][BROAD]["sha256"] == broad.sha256
+    assert (report["eval"][BROAD]["queries"], report["eval"][BROAD]["titles"]) == (165, 270)
+
+    targets = report["targets"]
+    assert set(targets) == {"throughput_ratio_32x32", "latency_ratio_1x16", "mean_cosine", "top10_overlap",
+                            "qdq_mean_cosine", "qdq_top10_overlap"}
+    # The gate judges the broad set (both quantized graphs); the catalog split rides beside it.
+    for key, variant in (("mean_cosine", INT8), ("top10_overlap", INT8),
+                         ("qdq_mean_cosine", QDQ), ("qdq_top10_overlap", QDQ)):
+        metric = key.removeprefix("qdq_")
+        t = targets[key]
+        assert t["variant"] == variant and t["set"] == BROAD
+        assert t["value"] == rows[variant]["fidelity"][BROAD][metric]
+        assert t["catalog_heldout"] == rows[variant]["fidelity"][CATALOG][metric]
+        assert t["pass"] == (t["value"] >= t["target"])
+
     table = markdown(report, "make models")
-    assert all(f"| {name} |" in table for name in rows) and "PASS" in table or "FAIL" in table
+    assert all(f"| {name} |" in table for name in rows)
+    assert SET_LABELS[BROAD] in table and SET_LABELS[CATALOG] in table
+    assert "| fp32 | 1.0000 | 1.0000 | 1.000 | 1.0000 | 1.0000 | 1.000 |" in table
+    target_lines = [line for line in table.splitlines() if line.startswith(tuple(f"| {k} |" for k in targets))]
+    assert len(target_lines) == len(targets)
+    for line in target_lines:
+        key = line.split("|")[1].strip()
+        verdict = line.rstrip(" |").rsplit("|", 1)[1].strip()
+        assert verdict == ("PASS" if targets[key]["pass"] else "FAIL"), line
+        assert f"| {targets[key]['value']:.3f} |" in line, line
 
 
 def test_fp32_encoder_choice_serves_the_plain_export():
