@@ -19,7 +19,7 @@ PYTEST_ARGS ?=
 # encoder-frontier: keep-FLOPs/layers vs fidelity vs speed, one table (POINTS=0.5:0,0.35:2,...)
 .PHONY: encoder-frontier help venv models serve demo test test-unit test-server bench bench-latency bench-perf-analyzer bench-ranker loadtest \
 	loadtest-distributed reliability bench-overload clean deploy-tools image-bundle image k8s-render \
-	catalog bench-encoding bench-catalog bench-catalog-serving swap-catalog
+	catalog bench-encoding bench-catalog bench-catalog-serving swap-catalog gpu-check
 
 help:
 	@echo "make demo     build models, start Triton, rank sample queries, stop"
@@ -53,6 +53,8 @@ help:
 	@echo "make loadtest-distributed [WORKERS=2 ...]   the same with a Locust master and WORKERS workers"
 	@echo "make image    stage the model bundle (build/image/bundle) and docker build deploy/docker/Dockerfile"
 	@echo "make k8s-render OVERLAY=cpu|gpu   render the Kubernetes manifests (docs/deploy.md)"
+	@echo "make gpu-check [GPU_CHECK_PROFILE=ci]   on a GPU node in the Triton container: build the engine, serve the"
+	@echo "              GPU repository, check it against FP32, perf_analyzer at 1/8/32; report in build/reports/gpu_check.md"
 
 venv: $(STAMP)
 
@@ -210,6 +212,20 @@ image: image-bundle
 OVERLAY ?= gpu
 k8s-render: deploy-tools
 	kubectl kustomize deploy/k8s/overlays/$(OVERLAY)
+
+# The first GPU node's one command (docs/tensorrt.md). The preflight runs with the system Python before
+# anything is installed, so a machine without a GPU stops at once with one line naming what it lacks.
+GPU_CHECK_PROFILE ?= ci
+$(VENV)/.installed-gpu: $(STAMP)
+	$(PY) -m pip install -q -e ".[gpu]"
+	touch $@
+
+gpu-check:
+	$(eval GPU_MISSING := $(shell $(PYTHON) -m deploy.gpu_check preflight 2>&1))
+	$(if $(GPU_MISSING),$(error $(GPU_MISSING)))
+	$(MAKE) --no-print-directory models PROFILE=$(GPU_CHECK_PROFILE) ENCODER=int8
+	$(MAKE) --no-print-directory $(VENV)/.installed-gpu $(PERF_VENV)/.installed
+	$(PY) -m deploy.gpu_check run --profile $(GPU_CHECK_PROFILE) --perf-analyzer $(PERF_VENV)/bin/perf_analyzer
 
 clean:
 	rm -rf build
