@@ -17,13 +17,14 @@ METRICS_PORT ?= 8002
 PYTEST_ARGS ?=
 
 # encoder-frontier: keep-FLOPs/layers vs fidelity vs speed, one table (POINTS=0.5:0,0.35:2,...)
-.PHONY: encoder-frontier help venv models serve demo test test-unit test-server bench bench-latency bench-perf-analyzer bench-ranker loadtest \
+.PHONY: encoder-frontier help venv client-wheel models serve demo test test-unit test-server bench bench-latency bench-perf-analyzer bench-ranker loadtest \
 	loadtest-distributed reliability bench-overload clean deploy-tools image-bundle image k8s-render \
 	catalog bench-encoding bench-catalog bench-catalog-serving swap-catalog gpu-check
 
 help:
 	@echo "make demo     build models, start Triton, rank sample queries, stop"
 	@echo "make test     run the test suite (unit + real-Triton server tests)"
+	@echo "make client-wheel   build the client distribution (search-rank-client, Python >= 3.9) into build/dist"
 	@echo "make models   build artifacts (PROFILE=default|ci, ENCODER=int8|fp32) and render $(REPOSITORY);"
 	@echo "              the default profile also writes the encoder compression report (build/reports/encoder_compression.md)"
 	@echo "make catalog [CATALOG_INPUT=dir|glob CATALOG_OUTPUT=dir ACTORS=2 RAY_ADDRESS=host:port]   encode item titles"
@@ -59,7 +60,7 @@ help:
 venv: $(STAMP)
 
 # Re-installs only when pyproject.toml changes. torch==2.13.0 resolves to the CPU build on local disk.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml client/pyproject.toml
 	@test -n "$(PYTHON)" || { echo "error: python3.11 not found"; exit 1; }
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' || \
 		{ echo "error: $(PYTHON) is not Python 3.11 (the Triton python-backend stub is built for 3.11)"; exit 1; }
@@ -67,14 +68,16 @@ $(STAMP): pyproject.toml
 	@ldconfig -p | grep -q 'libpython3.11.so.1.0' || { apt-get update -qq && apt-get install -y -qq libpython3.11; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[models,dev,loadtest,deploy]"
+	$(PY) -m pip install -q -e ./client -e ".[models,dev,loadtest,deploy]"
 	touch $(STAMP)
 
+# The stages write a manifest of the served folders; the renderer reads only that (it needs neither
+# torch nor conversion/, so a node that only serves can render: `python -m model_repository.render`).
+MANIFEST ?= build/artifacts/served-$(PROFILE)-$(ENCODER).json
 models: $(STAMP)
 	$(PY) -m conversion.build_models --profile $(PROFILE) --encoder $(ENCODER) $(if $(MODEL),--model $(MODEL)) \
-		$(if $(ENCODER_REPORT),--report-markdown $(ENCODER_REPORT))
-	$(PY) -m model_repository.render --profile $(PROFILE) --encoder $(ENCODER) $(if $(MODEL),--model $(MODEL)) \
-		--out $(REPOSITORY)
+		$(if $(ENCODER_REPORT),--report-markdown $(ENCODER_REPORT)) --manifest $(MANIFEST)
+	$(PY) -m model_repository.render --artifacts $(MANIFEST) --out $(REPOSITORY)
 
 # REPLICAS=N > 1: N servers on HTTP_PORT+10*i (+1 gRPC, +2 metrics); it prints the client target
 # (host:port,host:port) that SearchClient and `make loadtest TARGET=` balance over (deploy/replicas.py).
@@ -90,7 +93,12 @@ else
 endif
 
 demo: models
-	$(PY) -m client.demo --repository $(REPOSITORY)
+	$(PY) -m model_repository.demo --repository $(REPOSITORY)
+
+# The client distribution that backend services install (client/pyproject.toml): a wheel in build/dist.
+client-wheel: $(STAMP)
+	$(PY) -m pip wheel -q --no-deps --no-build-isolation ./client -w build/dist
+	@ls build/dist/search_rank_client-*.whl
 
 test: $(STAMP) deploy-tools
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
@@ -137,7 +145,7 @@ bench: models
 	$(PY) -m loadtests.side_by_side --profile $(PROFILE) --markdown $(BENCH_MARKDOWN) --json build/reports/side_by_side.json
 
 bench-latency: models
-	$(PY) -m client.bench --repository $(REPOSITORY)
+	$(PY) -m loadtests.latency --repository $(REPOSITORY)
 
 # perf_analyzer comes with tritonclient 2.34's wheel, which pins an old client: its own venv.
 PERF_VENV := .venv-perf
@@ -171,7 +179,7 @@ bench-ranker: models
 		$(if $(filter default,$(PROFILE)),$(if $(filter int8,$(ENCODER)),--markdown docs/ranker_benchmark.md))
 
 bench-perf-analyzer: models $(PERF_VENV)/.installed
-	$(PY) -m client.bench --repository $(REPOSITORY) --perf-analyzer $(PERF_VENV)/bin/perf_analyzer
+	$(PY) -m loadtests.latency --repository $(REPOSITORY) --perf-analyzer $(PERF_VENV)/bin/perf_analyzer
 
 # Load tests (loadtests/README.md). Without TARGET a local server is started on $(REPOSITORY) (hence
 # `models`); with TARGET the traffic is still generated from $(REPOSITORY)'s catalog unless CATALOG= names one.

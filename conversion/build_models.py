@@ -20,6 +20,8 @@ from conversion.export_encoder import (REPORT_JSON, ExportFidelityError, Encoder
 from conversion.prune_encoder import PruneSettings
 from conversion.stages import build_root, is_complete, stage_dir
 from conversion.train_ranker import METRICS_JSON, RankerSettings, build_ranker
+from model_repository.render import Artifacts, render_repository, write_artifacts_manifest
+from model_repository.spec import build_spec
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +60,6 @@ def build(settings: RankerSettings) -> dict[str, Path]:
 
 def built_artifacts(profile: str, model: str = "", encoder: str = "int8"):
     """The stage folders of a profile as render needs them, failing if any is not built."""
-    from model_repository.render import Artifacts
-
     settings = profile_settings(profile, model, encoder)
     art = settings.artifact
     folders = {
@@ -130,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="served encoder: pruned + INT8 (default) or the FP32 export")
     p.add_argument("--report-markdown", type=Path,
                    help="measure the encoder compression report and write its markdown table here")
+    p.add_argument("--manifest", type=Path,
+                   help="write the served artifacts' folders here, for `python -m model_repository.render --artifacts`")
+    p.add_argument("--repository", type=Path, help="also render the CPU model repository into this folder")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -138,6 +141,12 @@ def main(argv: list[str] | None = None) -> int:
         out = report(folders)
         if args.report_markdown and settings.artifact.compression is not None:
             out["encoder_compression"] = encoder_report(args.profile, args.report_markdown, args.model)["targets"]
+        if args.manifest or args.repository:
+            artifacts, dim = built_artifacts(args.profile, args.model, args.encoder)
+            if args.manifest:
+                out["manifest"] = str(write_artifacts_manifest(args.manifest, artifacts, dim))
+            if args.repository:
+                out["repository"] = str(render_repository(build_spec(dim), artifacts, args.repository))
     except (ExportFidelityError, UnsupportedModelError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

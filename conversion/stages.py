@@ -16,15 +16,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+from model_repository.paths import REPO_ROOT, build_root  # noqa: F401  (re-exported for the stages)
+
 log = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 SETTINGS_FILE = "settings.json"
-
-
-def build_root() -> Path:
-    """Where generated artifacts go; SEARCHRANK_BUILD overrides the ignored ./build."""
-    return Path(os.environ.get("SEARCHRANK_BUILD", REPO_ROOT / "build")).resolve()
 
 
 def _jsonable(settings: Any) -> Any:

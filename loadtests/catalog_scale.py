@@ -107,7 +107,7 @@ def candidate_requests(tables: CatalogTables, n: int, candidates: int, seed: int
 
 
 def measure_size(items: int, template: Path, work: Path, settings: ScaleSettings) -> dict:
-    from client import SearchClient
+    from search_rank_client import SearchClient
     from conversion.build_models import built_artifacts
     from model_repository.render import render_repository
     from model_repository.triton_server import TritonServer, TritonSettings, free_ports, tree_memory

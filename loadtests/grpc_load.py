@@ -25,7 +25,7 @@ from tqdm import tqdm
 from tritonclient.grpc import service_pb2
 from tritonclient.utils import serialize_byte_tensor
 
-from client.channel import channel_args, grpc_target
+from search_rank_client.channel import channel_args, grpc_target
 from loadtests import traffic
 from model_repository import spec
 from model_repository.runtime import served_catalog_dir

@@ -42,7 +42,7 @@ import grpc.experimental.gevent as grpc_gevent
 
 grpc_gevent.init_gevent()
 
-from client import SearchClient, SearchError  # noqa: E402  (after init_gevent)
+from search_rank_client import SearchClient, SearchError  # noqa: E402  (after init_gevent)
 from loadtests import targets as targets_mod  # noqa: E402
 from loadtests import traffic  # noqa: E402
 

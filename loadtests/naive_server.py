@@ -4,7 +4,7 @@ Eager FP32 PyTorch (the HF encoder through `transformers.AutoModel`, the unprune
 one request at a time per worker thread, behind a plain grpcio server. No ONNX Runtime, no
 quantization or pruning, no batching across requests. It speaks Triton's KServe v2 gRPC protocol
 (`ModelInfer` for `search_rank` and `text_embed`, the liveness and readiness calls), so
-`tritonclient.grpc` and `client.SearchClient` call it unchanged.
+`tritonclient.grpc` and `search_rank_client.SearchClient` call it unchanged.
 
 Semantics follow the Triton ensemble: the same catalog artifact (cold-start row for unknown ids,
 default user), the same value checks and messages (the python backends' own functions), the same

@@ -136,7 +136,7 @@ def agreement_requests(catalog_dir: Path, n: int, seed: int) -> list[traffic.Ran
 
 def measure_service(name: str, url: str, pid: int, requests: dict[int, list[bytes]],
                     agreement: list[traffic.RankRequest], s: BenchSettings) -> ServiceResult:
-    from client import SearchClient
+    from search_rank_client import SearchClient
 
     result = ServiceResult(name)
     with SearchClient(url, timeout_s=60) as c:

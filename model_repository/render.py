@@ -20,6 +20,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from model_repository import runtime, spec
 from model_repository.catalog_store import create_store, place
+from model_repository.paths import build_root
 
 log = logging.getLogger(__name__)
 
@@ -187,16 +188,37 @@ def render_repository(pipeline: spec.PipelineSpec, artifacts: Artifacts, out: Pa
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    from conversion.build_models import ENCODERS, PROFILES, built_artifacts
-    from conversion.stages import build_root
+def write_artifacts_manifest(path: Path, artifacts: Artifacts, embedding_dim: int) -> Path:
+    """What the build hands the renderer: the served stage folders and the encoder's width. Written
+    by the conversion stages (`conversion.build_models --manifest`), read here, so rendering needs
+    neither torch nor the conversion code."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    body = {**{k: str(v) for k, v in vars(artifacts).items()}, "embedding_dim": int(embedding_dim)}
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(body, indent=2, sort_keys=True))
+    tmp.replace(path)
+    return path
 
+
+def read_artifacts_manifest(path: Path) -> tuple[Artifacts, int]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no artifacts manifest at {path} (run `make models`)")
+    try:
+        body = json.loads(path.read_text())
+        artifacts = Artifacts(encoder_dir=Path(body["encoder_dir"]), catalog_dir=Path(body["catalog_dir"]),
+                              ranker_dir=Path(body["ranker_dir"]),
+                              ranker_source=body.get("ranker_source", runtime.RANKER_FILE))
+        return artifacts, int(body["embedding_dim"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"artifacts manifest {path} is malformed: {e!r}") from None
+
+
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m model_repository.render", description=__doc__.splitlines()[0])
-    p.add_argument("--profile", choices=sorted(PROFILES), default="default",
-                   help="which built models to serve (as passed to conversion.build_models)")
-    p.add_argument("--model", default="", help="the HF encoder folder the models were built with (default: bundled)")
-    p.add_argument("--encoder", choices=ENCODERS, default="int8",
-                   help="served encoder: pruned + ORT INT8 (default) or the FP32 export")
+    p.add_argument("--artifacts", type=Path, required=True,
+                   help="artifacts manifest written by `python -m conversion.build_models --manifest FILE`")
     p.add_argument("--encoder-plan", type=Path,
                    help="GPU rendering: serve the query encoder from this TensorRT plan (built on the node)")
     p.add_argument("--out", type=Path, help="repository folder (default: build/model_repository)")
@@ -205,11 +227,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        artifacts, dim = built_artifacts(args.profile, args.model, args.encoder)
+        artifacts, dim = read_artifacts_manifest(args.artifacts)
         pipeline = spec.build_spec(dim, ort_threads=args.ort_threads)
         out = render_repository(pipeline, artifacts, args.out or build_root() / "model_repository",
                                 encoder_plan=args.encoder_plan)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(out)

@@ -1,44 +1,28 @@
 """The pipeline spec: the one place that names models, tensors, dtypes, dims and batching.
 
-Configs (`model_repository.render`), the python-backend models, the ONNX exports, the client
-and the tests all read names and shapes from here; nothing else spells a tensor name.
+Configs (`model_repository.render`), the python-backend models, the ONNX exports and the tests
+all read names and shapes from here; nothing else spells a tensor name.
 
-The public contract (DESIGN.md) is the two ensembles `search_rank` and `text_embed`; the
-composing models behind them may change without clients noticing.
+The public contract (DESIGN.md) is the two ensembles `search_rank` and `text_embed`; its names,
+dtypes and limits come from `search_rank_client.contract` (the client distribution owns them),
+and the composing models behind them may change without clients noticing.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-# ---- limits that are part of the contract -------------------------------------------------
-MAX_CANDIDATES = 1000
-# Longer queries are rejected rather than silently truncated at the byte level; the tokenizer
-# still truncates to the largest sequence bucket.
-MAX_QUERY_BYTES = 2048
+# The public contract (tensor names, dtypes, limits) is owned by the client package that services
+# install; the server renders its configs from the very same objects.
+from search_rank_client.contract import (ADMISSION_REFUSAL, BYTES, CANDIDATE_IDS, FP32, INT32, INT64,  # noqa: F401
+                                         ITEM_IDS, MAX_CANDIDATES, MAX_QUERY_BYTES, QUERY, SCORES, SEARCH_RANK,
+                                         TEXT, TEXT_EMBED, TOP_K, USER_ID, Tensor, text_embedding)
+
+# The tokenizer still truncates a query within MAX_QUERY_BYTES to the largest sequence bucket.
 # Fixed padded lengths: requests batch in Triton only when shapes match, so the tokenizer pads
 # each text to the smallest bucket that holds it.
 SEQ_BUCKETS = (16, 32, 64, 128)
 # ONNX Runtime threads per model instance; this machine class has 2 cores (docs/architecture.md).
 DEFAULT_ORT_THREADS = 2
-
-# Triton data types as the KServe protocol spells them (tritonclient uses these strings).
-BYTES, INT32, INT64, FP32 = "BYTES", "INT32", "INT64", "FP32"
-
-
-@dataclass(frozen=True)
-class Tensor:
-    name: str
-    dtype: str
-    # Per-request dims; a batching model's batch axis is not included (Triton convention).
-    dims: tuple[int, ...]
-    optional: bool = False
-
-
-# What Triton answers (UNAVAILABLE / HTTP 503) when the queue policy refuses a request. A busy or
-# CPU-starved server refuses even a lone request this way when its trip through the ensemble runs
-# past the timeout (the first request after start-up, which initialises the ONNX Runtime sessions,
-# on a loaded 2-core machine); callers retry it (client.RetryPolicy), and so do the tests.
-ADMISSION_REFUSAL = "Request timeout expired"
 
 
 @dataclass(frozen=True)
@@ -125,23 +109,6 @@ class PipelineSpec:
             if e.name == name:
                 return e
         raise KeyError(f"no ensemble named {name!r}")
-
-
-# ---- the public contract (DESIGN.md) --------------------------------------------------------
-SEARCH_RANK = "search_rank"
-TEXT_EMBED = "text_embed"
-
-QUERY = Tensor("QUERY", BYTES, (1,))
-USER_ID = Tensor("USER_ID", INT64, (1,))
-CANDIDATE_IDS = Tensor("CANDIDATE_IDS", INT64, (-1,))
-TOP_K = Tensor("TOP_K", INT32, (1,), optional=True)
-ITEM_IDS = Tensor("ITEM_IDS", INT64, (-1,))
-SCORES = Tensor("SCORES", FP32, (-1,))
-TEXT = Tensor("TEXT", BYTES, (1,))
-
-
-def text_embedding(dim: int) -> Tensor:
-    return Tensor("EMBEDDING", FP32, (dim,))
 
 
 # ---- composing models -----------------------------------------------------------------------

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from model_repository import spec
+from model_repository.paths import REPO_ROOT, build_root
 
 log = logging.getLogger(__name__)
 
@@ -165,8 +166,11 @@ def server_env() -> dict[str, str]:
     venv = Path(sys.prefix)
     env["VIRTUAL_ENV"] = str(venv)
     env["PATH"] = os.pathsep.join([str(venv / "bin"), env.get("PATH", "")])
-    repo_root = Path(__file__).resolve().parent.parent
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(repo_root), env.get("PYTHONPATH")]))
+    # The server code runs from the checkout (it installs no packages), and the contract comes from
+    # the client distribution's sources beside it.
+    repo_root = REPO_ROOT
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(repo_root), str(repo_root / "client"),
+                                                      env.get("PYTHONPATH")]))
     return env
 
 
@@ -426,8 +430,6 @@ def run_triton_server(repository: Path, ports: TritonPorts | None = None, **kwar
 
 
 def main(argv: list[str] | None = None) -> int:
-    from conversion.stages import build_root
-
     d = TritonPorts()
     p = argparse.ArgumentParser(prog="python -m model_repository.triton_server",
                                 description="Serve the rendered repository with tritonserver until Ctrl-C.")

@@ -49,7 +49,7 @@ def triton(ci_repository):
 
 @pytest.fixture()
 def search_client(triton):
-    from client import SearchClient
+    from search_rank_client import SearchClient
 
     with SearchClient(triton.grpc_url, timeout_s=30.0) as c:
         yield c

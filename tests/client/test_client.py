@@ -7,13 +7,13 @@ import time
 
 import pytest
 
-from client import InvalidRequest, SearchClient, SearchError
+from search_rank_client import InvalidRequest, SearchClient, SearchError
 from conversion.stages import REPO_ROOT
 from model_repository.triton_server import free_port
 
 
 def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "client", *args], cwd=REPO_ROOT, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "search_rank_client", *args], cwd=REPO_ROOT, capture_output=True, text=True,
                           timeout=timeout)
 
 
@@ -69,9 +69,9 @@ def test_cli_bad_request_is_one_line_and_non_zero(triton):
 
 @pytest.mark.server
 def test_demo_ranks_sample_queries_and_stops(ci_repository):
-    from client.demo import SAMPLE_QUERIES
+    from model_repository.demo import SAMPLE_QUERIES
 
-    result = subprocess.run([sys.executable, "-m", "client.demo", "--repository", str(ci_repository),
+    result = subprocess.run([sys.executable, "-m", "model_repository.demo", "--repository", str(ci_repository),
                              "--candidates", "50", "--top-k", "3"], cwd=REPO_ROOT, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from client import NEVER_RETRIED, RetryBudget, RetryPolicy, SearchClient, SearchError
+from search_rank_client import NEVER_RETRIED, RetryBudget, RetryPolicy, SearchClient, SearchError
 from model_repository.triton_server import free_port
 
 pytestmark = pytest.mark.unit

@@ -6,7 +6,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from client import InvalidRequest, RetryPolicy, SearchClient
+from search_rank_client import InvalidRequest, RetryPolicy, SearchClient
 from conversion.catalog_generator import Catalog
 from conversion.export_encoder import ENCODER_ONNX, TOKENIZER_JSON
 from conversion.reference_pipeline import ReferencePipeline

@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from client import SearchClient, SearchError
-from client.channel import ClientTls
+from search_rank_client import SearchClient, SearchError
+from search_rank_client.channel import ClientTls
 from conversion.stages import REPO_ROOT
 from model_repository.triton_server import GrpcTls, run_triton_server
 
@@ -87,7 +87,7 @@ def test_mutual_tls_requires_a_client_certificate_from_the_client_ca(ci_reposito
         assert not _ranks(server.grpc_url, tls=ClientTls(pki["ca"]))  # no client certificate
         assert not _ranks(server.grpc_url, tls=ClientTls(pki["ca"], pki["stranger_cert"], pki["stranger_key"]))
         # the CLI's TLS flags reach the same channel
-        result = subprocess.run([sys.executable, "-m", "client", "--url", server.grpc_url, "--timeout", "20",
+        result = subprocess.run([sys.executable, "-m", "search_rank_client", "--url", server.grpc_url, "--timeout", "20",
                                  "--tls-ca", str(pki["ca"]), "--tls-cert", str(pki["client_cert"]),
                                  "--tls-key", str(pki["client_key"]), "health"],
                                 cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)

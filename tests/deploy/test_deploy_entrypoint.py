@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from client import SearchClient
+from search_rank_client import SearchClient
 from conversion.build_trt_engine import BuildTarget, TensorRTUnavailableError, TrtBuildSettings
 from conversion.stages import REPO_ROOT
 from deploy import engines

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from client import SearchClient
+from search_rank_client import SearchClient
 from conversion.stages import REPO_ROOT
 from deploy import dashboard
 from deploy.entrypoint import parse_args

@@ -15,8 +15,8 @@ import urllib.request
 
 import pytest
 
-from client import SearchClient, SearchError
-from client.channel import grpc_target
+from search_rank_client import SearchClient, SearchError
+from search_rank_client.channel import grpc_target
 from conversion.stages import REPO_ROOT
 from deploy.replicas import grpc_targets, replica_ports, run_replicas
 from model_repository import spec

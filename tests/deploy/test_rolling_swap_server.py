@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from client import RetryPolicy, SearchClient, SearchError
+from search_rank_client import RetryPolicy, SearchClient, SearchError
 from deploy.replicas import replace_replica
 from model_repository.render import Artifacts, render_cpu_repository
 from model_repository.triton_server import free_ports, run_triton_server

@@ -11,7 +11,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.grpc import service_pb2
 from tritonclient.utils import InferenceServerException, serialize_byte_tensor
 
-from client import InvalidRequest, SearchClient
+from search_rank_client import InvalidRequest, SearchClient
 from conversion.catalog_generator import Catalog
 from conversion.export_encoder import ENCODER_ONNX, FIDELITY_TEXTS, TOKENIZER_JSON
 from conversion.train_ranker import RANKER_FP32_ONNX

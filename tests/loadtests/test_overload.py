@@ -69,7 +69,7 @@ def test_three_times_capacity_is_refused_fast_and_admitted_calls_stay_fast(ci_re
             os.sched_setaffinity(0, load_cpus)
         with run_triton_server(ci_repository, cpus=server_cpus) as server:
             capacity, report = overload.run_phase("ci", server.grpc_url, requests, s)
-            from client import SearchClient
+            from search_rank_client import SearchClient
 
             with SearchClient(server.grpc_url, timeout_s=30) as c:  # healthy afterwards
                 assert len(c.rank("desk lamp", 1, list(range(1, 51)), top_k=5)) == 5

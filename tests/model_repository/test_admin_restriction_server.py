@@ -10,7 +10,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from client import SearchClient
+from search_rank_client import SearchClient
 from conversion.stages import REPO_ROOT
 from model_repository import spec
 from model_repository.triton_server import ADMIN_KEY_GRPC_HEADER, ADMIN_KEY_HEADER, run_triton_server

@@ -58,7 +58,7 @@ def test_cancelled_and_expired_calls_are_not_ranked(ci_repository, tmp_path):
             codes = _burst(server.grpc_url, requests, timeout_s, cancel_after_s)
             time.sleep(2.0)  # whatever the server still runs for the burst, let it finish
             ranked[name] = (_ranked(client) - before, codes)
-        from client import SearchClient
+        from search_rank_client import SearchClient
 
         with SearchClient(server.grpc_url, timeout_s=30) as c:  # and it still serves
             assert len(c.rank("desk lamp", 1, list(range(1, 51)), top_k=5)) == 5

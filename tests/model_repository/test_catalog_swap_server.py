@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from client import RetryPolicy, SearchClient, SearchError
+from search_rank_client import RetryPolicy, SearchClient, SearchError
 from conversion.catalog_generator import Catalog
 from conversion.reference_pipeline import ReferencePipeline
 from conversion.synthetic_catalog import SyntheticCatalogSettings, build_synthetic_catalog

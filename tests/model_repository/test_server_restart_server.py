@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from client import SearchClient, SearchError
+from search_rank_client import SearchClient, SearchError
 from model_repository.triton_server import run_triton_server
 
 pytestmark = [pytest.mark.server, pytest.mark.reliability]

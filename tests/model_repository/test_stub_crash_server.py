@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from client import RetryPolicy, SearchClient, SearchError
+from search_rank_client import RetryPolicy, SearchClient, SearchError
 from conversion.stages import REPO_ROOT
 from model_repository import spec
 from model_repository.triton_server import free_ports

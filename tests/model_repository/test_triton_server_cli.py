@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from client import SearchClient
+from search_rank_client import SearchClient
 from conversion.stages import REPO_ROOT
 from model_repository.triton_server import free_ports
 

@@ -6,8 +6,8 @@ import json
 import sys
 from pathlib import Path
 
-from client import DEFAULT_URL, SearchClient, SearchError
-from client.channel import ClientTls
+from search_rank_client import DEFAULT_URL, SearchClient, SearchError
+from search_rank_client.channel import ClientTls
 
 
 def _ids(text: str) -> list[int]:
@@ -18,7 +18,7 @@ def _ids(text: str) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m client", description="Call the search_rank / text_embed ensembles.")
+    p = argparse.ArgumentParser(prog="python -m search_rank_client", description="Call the search_rank / text_embed ensembles.")
     p.add_argument("--url", default=DEFAULT_URL, help=f"Triton gRPC address (default {DEFAULT_URL})")
     p.add_argument("--timeout", type=float, default=2.0, help="deadline per call in seconds")
     p.add_argument("--tls-ca", type=Path, help="TLS: PEM CA the server's certificate must chain to")

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from client import SearchClient
+from search_rank_client import SearchClient
 from conversion.stages import build_root
 from model_repository import spec
 from model_repository.runtime import CatalogTables, served_catalog_dir
@@ -70,7 +70,7 @@ def perf_analyzer(binary: Path, url: str, item_ids: np.ndarray, candidates: int)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m client.bench", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m loadtests.latency", description=__doc__.splitlines()[0])
     p.add_argument("--repository", type=Path, default=build_root() / "model_repository")
     p.add_argument("--url", help="measure this running server (host:port) instead of starting one")
     p.add_argument("--candidates", type=int, nargs="+", default=[100, 1000])

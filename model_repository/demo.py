@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from client import SearchClient
-from conversion.stages import build_root
+from search_rank_client import SearchClient
+from model_repository.paths import build_root
 from model_repository.runtime import CatalogTables, served_catalog_dir
 from model_repository.triton_server import TritonStartError, run_triton_server
 
@@ -22,7 +22,7 @@ SAMPLE_QUERIES = (
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m client.demo", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m model_repository.demo", description=__doc__)
     p.add_argument("--repository", type=Path, default=build_root() / "model_repository")
     p.add_argument("--candidates", type=int, default=200, help="candidates per query, drawn from the catalog")
     p.add_argument("--top-k", type=int, default=5)

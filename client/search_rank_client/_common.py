@@ -1,13 +1,8 @@
-"""Thin typed gRPC client for the `search_rank` and `text_embed` ensembles.
-
-One channel per client, reused for every call; every call carries a deadline. Server errors
-come back as `SearchError` subclasses carrying the gRPC status code and Triton's message.
-The target may name several replicas (`client.channel`): calls are balanced round_robin, and a
-call that finds a replica gone (UNAVAILABLE) is retried within its deadline, counted in `stats`.
+"""What the blocking and the asyncio client share: typed errors, the retry policy and budget,
+call statistics, and how a call's tensors are built and its failures judged.
 """
 from __future__ import annotations
 
-import logging
 import random
 import threading
 import time
@@ -18,12 +13,16 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from client.channel import ChannelSettings, ClientTls, channel_args, grpc_target
-from model_repository import spec
-
-log = logging.getLogger(__name__)
+from search_rank_client import contract
+from search_rank_client.channel import ChannelSettings, ClientTls, channel_args, grpc_target
 
 DEFAULT_URL = "127.0.0.1:8001"
+
+
+@dataclass(frozen=True)
+class RankedItem:
+    item_id: int
+    score: float
 
 
 class SearchError(RuntimeError):
@@ -132,24 +131,19 @@ class CallStats:
                 self.by_code[failed_code] = self.by_code.get(failed_code, 0) + 1
 
 
-@dataclass(frozen=True)
-class RankedItem:
-    item_id: int
-    score: float
-
-
 def _status_name(exc: InferenceServerException) -> str:
     status = str(exc.status() or "UNKNOWN")
-    return status.removeprefix("StatusCode.")
+    return status[len("StatusCode."):] if status.startswith("StatusCode.") else status
 
 
-def _wrap(exc: InferenceServerException) -> SearchError:
+def wrap_error(exc: InferenceServerException) -> SearchError:
     code = _status_name(exc)
     cls = InvalidRequest if code == "INVALID_ARGUMENT" else SearchError
     return cls(code, exc.message() or str(exc))
 
 
-def _input(tensor: spec.Tensor, array: np.ndarray) -> grpcclient.InferInput:
+def _input(tensor: contract.Tensor, array: np.ndarray) -> grpcclient.InferInput:
+    # tritonclient.grpc.aio builds its requests from the same InferInput class.
     inp = grpcclient.InferInput(tensor.name, list(array.shape), tensor.dtype)
     inp.set_data_from_numpy(array)
     return inp
@@ -161,8 +155,76 @@ def _text_array(text: str | bytes) -> np.ndarray:
     return np.array([raw], dtype=np.object_)
 
 
-class SearchClient:
-    """`url`: "host:port", "dns:///name:port", "a:port,b:port" or a list of addresses."""
+def rank_inputs(query: str | bytes, user_id: int, candidate_ids: Sequence[int] | np.ndarray,
+                top_k: int | None = None) -> list:
+    """search_rank's input tensors; integer ids are checked here, everything else by the server."""
+    ids = np.asarray(candidate_ids)
+    if ids.dtype.kind not in "iu" and ids.size:
+        raise TypeError(f"candidate_ids must be integers, got dtype {ids.dtype}")
+    inputs = [
+        _input(contract.QUERY, _text_array(query)),
+        _input(contract.USER_ID, np.array([user_id], dtype=np.int64)),
+        _input(contract.CANDIDATE_IDS, ids.astype(np.int64).reshape(-1)),
+    ]
+    if top_k is not None:
+        inputs.append(_input(contract.TOP_K, np.array([top_k], dtype=np.int32)))
+    return inputs
+
+
+def embed_inputs(text: str | bytes) -> list:
+    return [_input(contract.TEXT, _text_array(text))]
+
+
+RANK_OUTPUTS = (contract.ITEM_IDS, contract.SCORES)
+EMBED_OUTPUTS = (contract.text_embedding(-1),)
+
+
+def requested_outputs(outputs: Sequence[contract.Tensor]) -> list:
+    return [grpcclient.InferRequestedOutput(t.name) for t in outputs]
+
+
+def ranked(item_ids: np.ndarray, scores: np.ndarray) -> list[RankedItem]:
+    return [RankedItem(int(i), float(s)) for i, s in zip(item_ids, scores)]
+
+
+class Attempts:
+    """One call's attempts under one deadline: how long the next may take, and after a failure
+    whether to retry (and after what pause) or raise. Shared by both clients, so the blocking and
+    the asyncio client retry exactly alike."""
+
+    def __init__(self, policy: RetryPolicy, budget: RetryBudget, stats: CallStats, timeout_s: float):
+        self.policy, self.budget, self.stats = policy, budget, stats
+        self.deadline = time.monotonic() + timeout_s
+        self.attempt = 0
+
+    def next_timeout_s(self) -> float:
+        self.attempt += 1
+        return max(self.deadline - time.monotonic(), 0.001)
+
+    def failed(self, exc: InferenceServerException) -> float:
+        """The pause before the next attempt; raises the typed error when there is none."""
+        error = wrap_error(exc)
+        retryable = error.code in self.policy.retry_on
+        if retryable:
+            self.budget.record(success=False)
+        pause = self.policy.pause_s(self.attempt)
+        throttled = retryable and not self.budget.allows_retry()
+        if (not retryable or throttled or self.attempt >= self.policy.max_attempts
+                or time.monotonic() + pause >= self.deadline):
+            self.stats.add(self.attempt - 1, error.code, throttled)
+            raise error from None
+        return pause
+
+    def succeeded(self) -> None:
+        self.budget.record(success=True)
+        self.stats.add(self.attempt - 1, None)
+
+
+class ClientBase:
+    """Settings and channel of either client; `_grpc_module` is tritonclient.grpc or its aio twin,
+    whose InferenceServerClient takes the same arguments."""
+
+    _grpc_module = grpcclient
 
     def __init__(self, url: str | Sequence[str] = DEFAULT_URL, timeout_s: float = 2.0,
                  retry: RetryPolicy = RetryPolicy(), channel: ChannelSettings = ChannelSettings(),
@@ -172,84 +234,8 @@ class SearchClient:
         self.retry = retry
         self.stats = CallStats()
         self.budget = RetryBudget(retry.budget_tokens, retry.budget_token_ratio)
-        self._grpc = grpcclient.InferenceServerClient(self.url, channel_args=channel_args(channel),
-                                                      **(tls.client_kwargs() if tls else {}))
+        self._grpc = self._grpc_module.InferenceServerClient(self.url, channel_args=channel_args(channel),
+                                                             **(tls.client_kwargs() if tls else {}))
 
-    def __enter__(self) -> "SearchClient":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self._grpc.close()
-
-    def _infer(self, model: str, inputs, outputs: Sequence[spec.Tensor], timeout_s: float | None):
-        requested = [grpcclient.InferRequestedOutput(t.name) for t in outputs]
-        deadline = time.monotonic() + (timeout_s or self.timeout_s)
-        attempt = 0
-        while True:
-            attempt += 1
-            try:
-                result = self._grpc.infer(model, inputs, outputs=requested,
-                                          client_timeout=max(deadline - time.monotonic(), 0.001))
-            except InferenceServerException as exc:
-                error = _wrap(exc)
-                retryable = error.code in self.retry.retry_on
-                if retryable:
-                    self.budget.record(success=False)
-                pause = self.retry.pause_s(attempt)
-                throttled = retryable and not self.budget.allows_retry()
-                if (not retryable or throttled or attempt >= self.retry.max_attempts
-                        or time.monotonic() + pause >= deadline):
-                    self.stats.add(attempt - 1, error.code, throttled)
-                    raise error from None
-                log.debug("%s on attempt %d, retrying in %.2f s: %s", model, attempt, pause, error.message)
-                time.sleep(pause)
-                continue
-            self.budget.record(success=True)
-            self.stats.add(attempt - 1, None)
-            return [result.as_numpy(t.name) for t in outputs]
-
-    def rank(self, query: str | bytes, user_id: int, candidate_ids: Sequence[int] | np.ndarray,
-             top_k: int | None = None, timeout_s: float | None = None) -> list[RankedItem]:
-        """Candidates ordered by predicted click probability, best first (at most `top_k`)."""
-        ids = np.asarray(candidate_ids)
-        if ids.dtype.kind not in "iu" and ids.size:
-            raise TypeError(f"candidate_ids must be integers, got dtype {ids.dtype}")
-        inputs = [
-            _input(spec.QUERY, _text_array(query)),
-            _input(spec.USER_ID, np.array([user_id], dtype=np.int64)),
-            _input(spec.CANDIDATE_IDS, ids.astype(np.int64).reshape(-1)),
-        ]
-        if top_k is not None:
-            inputs.append(_input(spec.TOP_K, np.array([top_k], dtype=np.int32)))
-        item_ids, scores = self._infer(spec.SEARCH_RANK, inputs, (spec.ITEM_IDS, spec.SCORES), timeout_s)
-        return [RankedItem(int(i), float(s)) for i, s in zip(item_ids, scores)]
-
-    def embed(self, text: str | bytes, timeout_s: float | None = None) -> np.ndarray:
-        """L2-normalised text embedding [d] from the served encoder."""
-        emb_tensor = spec.text_embedding(-1)
-        (emb,) = self._infer(spec.TEXT_EMBED, [_input(spec.TEXT, _text_array(text))], (emb_tensor,), timeout_s)
-        return emb.reshape(-1)
-
-    def is_live(self) -> bool:
-        try:
-            return bool(self._grpc.is_server_live(client_timeout=self.timeout_s))
-        except InferenceServerException:
-            return False
-
-    def is_ready(self) -> bool:
-        """Server ready and both public ensembles ready."""
-        try:
-            return bool(self._grpc.is_server_ready(client_timeout=self.timeout_s)) and all(
-                self._grpc.is_model_ready(m, client_timeout=self.timeout_s) for m in (spec.SEARCH_RANK, spec.TEXT_EMBED))
-        except InferenceServerException:
-            return False
-
-    def wait_ready(self, timeout_s: float = 60.0, interval_s: float = 0.25) -> None:
-        deadline = time.monotonic() + timeout_s
-        while not self.is_ready():
-            if time.monotonic() > deadline:
-                raise SearchError("UNAVAILABLE", f"{self.url} not ready after {timeout_s:.0f} s")
-            time.sleep(interval_s)
+    def _attempts(self, timeout_s: float | None) -> Attempts:
+        return Attempts(self.retry, self.budget, self.stats, timeout_s or self.timeout_s)
