@@ -225,7 +225,7 @@ k8s-render: deploy-tools
 # anything is installed, so a machine without a GPU stops at once with one line naming what it lacks.
 GPU_CHECK_PROFILE ?= ci
 $(VENV)/.installed-gpu: $(STAMP)
-	$(PY) -m pip install -q -e ".[gpu]"
+	$(PY) -m pip install -q -e ./client -e ".[gpu]"
 	touch $@
 
 gpu-check:

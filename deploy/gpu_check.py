@@ -93,7 +93,7 @@ def stage(settings: GpuCheckSettings):
 
 
 def start_server(settings: GpuCheckSettings, bundle) -> Server:
-    from client import SearchClient
+    from search_rank_client import SearchClient
     from model_repository.triton_server import free_ports
 
     ports = free_ports()
@@ -141,7 +141,7 @@ def text_embed_fidelity(grpc: str, fp32_encoder_dir: Path, queries: list[str], t
     """Served text_embed against the FP32 export in ONNX Runtime: mean cosine and top-10 overlap."""
     import numpy as np
 
-    from client import SearchClient
+    from search_rank_client import SearchClient
     from conversion.encoder_report import top_k_overlap
     from model_repository import runtime
 
@@ -159,7 +159,7 @@ def search_rank_agreement(grpc: str, profile: str, queries: list[str], candidate
     """Served search_rank against the FP32 pipeline (FP32 encoder and ranker, same catalog): top-10 agreement."""
     import numpy as np
 
-    from client import SearchClient
+    from search_rank_client import SearchClient
     from conversion.build_models import fp32_artifacts
     from conversion.reference_pipeline import ReferencePipeline
     from model_repository.runtime import CatalogTables
