@@ -6,6 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PROFILE ?= default
 ENCODER ?= int8
+RANKER ?= compressed
 POINTS ?= 0.5:0,0.35:2,0.25:3
 # Written under build/, not docs/: `make demo` must not rewrite a tracked, curated doc.
 ENCODER_REPORT ?= $(if $(filter default,$(PROFILE)),$(if $(filter int8,$(ENCODER)),build/reports/encoder_compression.md))
@@ -25,7 +26,8 @@ help:
 	@echo "make demo     build models, start Triton, rank sample queries, stop"
 	@echo "make test     run the test suite (unit + real-Triton server tests)"
 	@echo "make client-wheel   build the client distribution (search-rank-client, Python >= 3.9) into build/dist"
-	@echo "make models   build artifacts (PROFILE=default|ci, ENCODER=int8|fp32) and render $(REPOSITORY);"
+	@echo "make models   build artifacts (PROFILE=default|ci, ENCODER=int8|fp32, RANKER=compressed|fp32) and render $(REPOSITORY);"
+	@echo "              ENCODER=fp32 RANKER=fp32 serves the uncompressed pipeline under the same contract"
 	@echo "              the default profile also writes the encoder compression report (build/reports/encoder_compression.md)"
 	@echo "make catalog [CATALOG_INPUT=dir|glob CATALOG_OUTPUT=dir ACTORS=2 RAY_ADDRESS=host:port]   encode item titles"
 	@echo "              with the served encoder on Ray Data (default input: the PROFILE's catalog); resumable (docs/catalog.md)"
@@ -73,10 +75,10 @@ $(STAMP): pyproject.toml client/pyproject.toml
 
 # The stages write a manifest of the served folders; the renderer reads only that (it needs neither
 # torch nor conversion/, so a node that only serves can render: `python -m model_repository.render`).
-MANIFEST ?= build/artifacts/served-$(PROFILE)-$(ENCODER).json
+MANIFEST ?= build/artifacts/served-$(PROFILE)-$(ENCODER)-$(RANKER).json
 models: $(STAMP)
 	$(PY) -m conversion.build_models --profile $(PROFILE) --encoder $(ENCODER) $(if $(MODEL),--model $(MODEL)) \
-		$(if $(ENCODER_REPORT),--report-markdown $(ENCODER_REPORT)) --manifest $(MANIFEST)
+		--ranker $(RANKER) $(if $(ENCODER_REPORT),--report-markdown $(ENCODER_REPORT)) --manifest $(MANIFEST)
 	$(PY) -m model_repository.render --artifacts $(MANIFEST) --out $(REPOSITORY)
 
 # REPLICAS=N > 1: N servers on HTTP_PORT+10*i (+1 gRPC, +2 metrics); it prints the client target
