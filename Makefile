@@ -6,6 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PROFILE ?= default
 ENCODER ?= int8
+RANKER ?= compressed
 POINTS ?= 0.5:0,0.35:2,0.25:3
 # Written under build/, not docs/: `make demo` must not rewrite a tracked, curated doc.
 ENCODER_REPORT ?= $(if $(filter default,$(PROFILE)),$(if $(filter int8,$(ENCODER)),build/reports/encoder_compression.md))
@@ -19,13 +20,14 @@ PYTEST_ARGS ?=
 # encoder-frontier: keep-FLOPs/layers vs fidelity vs speed, one table (POINTS=0.5:0,0.35:2,...)
 .PHONY: encoder-frontier help venv client-wheel models serve demo test test-unit test-server bench bench-latency bench-perf-analyzer bench-ranker loadtest \
 	loadtest-distributed reliability bench-overload clean deploy-tools image-bundle image k8s-render \
-	catalog bench-encoding bench-catalog bench-catalog-serving swap-catalog
+	catalog bench-encoding bench-catalog bench-catalog-serving swap-catalog gpu-check
 
 help:
 	@echo "make demo     build models, start Triton, rank sample queries, stop"
 	@echo "make test     run the test suite (unit + real-Triton server tests)"
 	@echo "make client-wheel   build the client distribution (search-rank-client, Python >= 3.9) into build/dist"
-	@echo "make models   build artifacts (PROFILE=default|ci, ENCODER=int8|fp32) and render $(REPOSITORY);"
+	@echo "make models   build artifacts (PROFILE=default|ci, ENCODER=int8|fp32, RANKER=compressed|fp32) and render $(REPOSITORY);"
+	@echo "              ENCODER=fp32 RANKER=fp32 serves the uncompressed pipeline under the same contract"
 	@echo "              the default profile also writes the encoder compression report (build/reports/encoder_compression.md)"
 	@echo "make catalog [CATALOG_INPUT=dir|glob CATALOG_OUTPUT=dir ACTORS=2 RAY_ADDRESS=host:port]   encode item titles"
 	@echo "              with the served encoder on Ray Data (default input: the PROFILE's catalog); resumable (docs/catalog.md)"
@@ -54,6 +56,8 @@ help:
 	@echo "make loadtest-distributed [WORKERS=2 ...]   the same with a Locust master and WORKERS workers"
 	@echo "make image    stage the model bundle (build/image/bundle) and docker build deploy/docker/Dockerfile"
 	@echo "make k8s-render OVERLAY=cpu|gpu   render the Kubernetes manifests (docs/deploy.md)"
+	@echo "make gpu-check [GPU_CHECK_PROFILE=ci]   on a GPU node in the Triton container: build the engine, serve the"
+	@echo "              GPU repository, check it against FP32, perf_analyzer at 1/8/32; report in build/reports/gpu_check.md"
 
 venv: $(STAMP)
 
@@ -71,10 +75,10 @@ $(STAMP): pyproject.toml client/pyproject.toml
 
 # The stages write a manifest of the served folders; the renderer reads only that (it needs neither
 # torch nor conversion/, so a node that only serves can render: `python -m model_repository.render`).
-MANIFEST ?= build/artifacts/served-$(PROFILE)-$(ENCODER).json
+MANIFEST ?= build/artifacts/served-$(PROFILE)-$(ENCODER)-$(RANKER).json
 models: $(STAMP)
 	$(PY) -m conversion.build_models --profile $(PROFILE) --encoder $(ENCODER) $(if $(MODEL),--model $(MODEL)) \
-		$(if $(ENCODER_REPORT),--report-markdown $(ENCODER_REPORT)) --manifest $(MANIFEST)
+		--ranker $(RANKER) $(if $(ENCODER_REPORT),--report-markdown $(ENCODER_REPORT)) --manifest $(MANIFEST)
 	$(PY) -m model_repository.render --artifacts $(MANIFEST) --out $(REPOSITORY)
 
 # REPLICAS=N > 1: N servers on HTTP_PORT+10*i (+1 gRPC, +2 metrics); it prints the client target
@@ -218,6 +222,20 @@ image: image-bundle
 OVERLAY ?= gpu
 k8s-render: deploy-tools
 	kubectl kustomize deploy/k8s/overlays/$(OVERLAY)
+
+# The first GPU node's one command (docs/tensorrt.md). The preflight runs with the system Python before
+# anything is installed, so a machine without a GPU stops at once with one line naming what it lacks.
+GPU_CHECK_PROFILE ?= ci
+$(VENV)/.installed-gpu: $(STAMP)
+	$(PY) -m pip install -q -e ./client -e ".[gpu]"
+	touch $@
+
+gpu-check:
+	$(eval GPU_MISSING := $(shell $(PYTHON) -m deploy.gpu_check preflight 2>&1))
+	$(if $(GPU_MISSING),$(error $(GPU_MISSING)))
+	$(MAKE) --no-print-directory models PROFILE=$(GPU_CHECK_PROFILE) ENCODER=int8
+	$(MAKE) --no-print-directory $(VENV)/.installed-gpu $(PERF_VENV)/.installed
+	$(PY) -m deploy.gpu_check run --profile $(GPU_CHECK_PROFILE) --perf-analyzer $(PERF_VENV)/bin/perf_analyzer
 
 clean:
 	rm -rf build

@@ -36,6 +36,8 @@ PROFILES: dict[str, RankerSettings] = {
         epochs=5),
 }
 ENCODERS = ("int8", "fp32")  # served encoder: pruned + ORT INT8 (default) or the FP32 export
+# served ranker: what the ranker stage chose under its AUC and top-10 gates (default), or its FP32 export
+RANKERS = ("compressed", "fp32")
 
 
 def profile_settings(profile: str, model: str = "", encoder: str = "int8") -> RankerSettings:
@@ -58,8 +60,10 @@ def build(settings: RankerSettings) -> dict[str, Path]:
     return folders
 
 
-def built_artifacts(profile: str, model: str = "", encoder: str = "int8"):
+def built_artifacts(profile: str, model: str = "", encoder: str = "int8", ranker: str = "compressed"):
     """The stage folders of a profile as render needs them, failing if any is not built."""
+    if ranker not in RANKERS:
+        raise ValueError(f"ranker must be one of {RANKERS}, got {ranker!r}")
     settings = profile_settings(profile, model, encoder)
     art = settings.artifact
     folders = {
@@ -73,6 +77,8 @@ def built_artifacts(profile: str, model: str = "", encoder: str = "int8"):
             raise FileNotFoundError(f"{name} for profile {profile!r} is not built: {folder} (run `make models`)")
     artifacts = Artifacts(encoder_dir=folders["encoder"], catalog_dir=folders["catalog_artifact"],
                           ranker_dir=folders["ranker"])
+    if ranker == "fp32":
+        artifacts = dataclasses.replace(artifacts, ranker_source=train_ranker.RANKER_FP32_ONNX)
     return artifacts, read_embedding_dim(folders["encoder"])
 
 
@@ -137,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="", help="HF BERT-family folder (default: bundled all-MiniLM-L6-v2)")
     p.add_argument("--encoder", choices=ENCODERS, default="int8",
                    help="served encoder: pruned + INT8 (default) or the FP32 export")
+    p.add_argument("--ranker", choices=RANKERS, default="compressed",
+                   help="served ranker: the one the ranker stage's gates chose (default) or its FP32 export")
     p.add_argument("--report-markdown", type=Path,
                    help="measure the encoder compression report and write its markdown table here")
     p.add_argument("--eval-texts", type=Path,
@@ -159,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
             out["encoder_compression"] = encoder_report(args.profile, args.report_markdown, args.model,
                                                         eval_texts=args.eval_texts)["targets"]
         if args.manifest or args.repository:
-            artifacts, dim = built_artifacts(args.profile, args.model, args.encoder)
+            artifacts, dim = built_artifacts(args.profile, args.model, args.encoder, args.ranker)
             if args.manifest:
                 out["manifest"] = str(write_artifacts_manifest(args.manifest, artifacts, dim))
             if args.repository:

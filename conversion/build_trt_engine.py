@@ -345,15 +345,31 @@ def _publish(plan_path: Path, plan: bytes, meta: dict[str, Any]) -> None:
     _atomic_write(metadata_path(plan_path), (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
 
 
+def same_tensorrt_release(a: str, b: str) -> bool:
+    """Equal on every version component both name (a library's build number may be unknown)."""
+    pa, pb = a.split("."), b.split(".")
+    n = min(len(pa), len(pb))
+    return n >= 3 and pa[:n] == pb[:n]
+
+
 def build_engine(onnx_path: str | os.PathLike, out_dir: str | os.PathLike, settings: TrtBuildSettings,
-                 timing_cache: str | os.PathLike | None = None, *, force: bool = False) -> Path:
-    """Build the plan for `onnx_path` into `out_dir` (or reuse a matching one); returns its path."""
+                 timing_cache: str | os.PathLike | None = None, *, force: bool = False,
+                 target: BuildTarget | None = None) -> Path:
+    """Build the plan for `onnx_path` into `out_dir` (or reuse a matching one); returns its path.
+
+    `target`: the node as the *loader* sees it (deploy.engines.server_target: Triton's libnvinfer
+    version), keyed instead of what this process probes; it must be the same TensorRT release as the
+    bindings that build, or the plan would not load where it is served."""
     onnx_path, out = Path(onnx_path), Path(out_dir)
     if not onnx_path.is_file():
         raise FileNotFoundError(f"ONNX file not found: {onnx_path}")
     if (detected := detect_precision(onnx_path)) != settings.precision:
         raise SettingsError("precision", f"{settings.precision!r} does not match {onnx_path.name}, which is {detected}")
-    target, trt = probe_target(), _import_tensorrt()
+    probed, trt = probe_target(), _import_tensorrt()
+    target = target or probed
+    if not same_tensorrt_release(probed.tensorrt_version, target.tensorrt_version):
+        raise TrtBuildError(f"this process builds with TensorRT {probed.tensorrt_version} but the plan is for "
+                            f"TensorRT {target.tensorrt_version}; it would not load there")
     onnx_sha = sha256_file(onnx_path)
     plan_path, key = out / engine_name(settings, onnx_sha, onnx_path.stem), engine_cache_key(settings, onnx_sha, target)
     if not force and engine_is_reusable(plan_path, key):

@@ -58,6 +58,10 @@ class ModeloptUnavailableError(QuantizationError, ImportError):
     """nvidia-modelopt's ONNX quantization path cannot be imported."""
 
 
+class FloatCensusError(QuantizationError):
+    """The Q/DQ graph's float types are not the ones intended (I/O changed, an op left FP32 or made FP16)."""
+
+
 _QTYPES = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}
 _ORT_CALIBRATION = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                     "percentile": CalibrationMethod.Percentile}
@@ -106,12 +110,21 @@ class QdqSettings:
     n_calibration_samples: int = 512  # rows (texts, candidates) taken from the feeds, in order
     disable_mha_qdq: bool = False  # keep attention's activation x activation MatMuls (QK^T, PV) in float
     nodes_to_exclude: tuple[str, ...] = ()  # regexes on node names kept in float (check_qdq_structure exempts them)
-    # fp32 keeps the non-quantized ops as exported; TensorRT still picks fp16 for them with --fp16.
-    high_precision_dtype: str = "fp32"
+    # The float type of everything that is not INT8. TensorRT builds these graphs STRONGLY_TYPED
+    # (build_trt_engine.py), where the ONNX's own types are the precision and no builder flag can
+    # lower them: an fp32 graph runs LayerNorm, softmax, GELU, residual adds and the unquantized
+    # MatMuls in FP32/TF32. So fp16, with INT64 ids and the FP32 embedding kept at the graph's edge.
+    high_precision_dtype: str = "fp16"
+    # fp16 only: a node stays FP32 when a float tensor it reads or writes (a sum of squares, for
+    # ReduceL2) reaches fp16's largest value / this margin on the calibration feeds. The margin is
+    # for inputs calibration did not see (longer texts, rarer tokens); see fp32_overflow_nodes.
+    fp16_overflow_margin: float = 8.0
 
     def __post_init__(self):
         _check_choice("calibration_method", self.calibration_method, {"max", "entropy"})
         _check_choice("high_precision_dtype", self.high_precision_dtype, {"fp32", "fp16", "bf16"})
+        if self.fp16_overflow_margin < 1:
+            raise ValueError(f"fp16_overflow_margin must be >= 1, got {self.fp16_overflow_margin}")
         if not self.per_channel:
             raise ValueError("modelopt INT8 quantizes weights per channel only; per_channel=False is not available")
         if self.n_calibration_samples < 1:
@@ -367,20 +380,267 @@ def _quantize_qdq_modelopt_here(fp32_onnx: Path, out_onnx: Path, calibration_fee
         # A copy, never a link: modelopt rewrites its input file in place while preprocessing.
         src, tmp_out = Path(tmp) / "fp32.onnx", Path(tmp) / out_onnx.name
         shutil.copyfile(fp32, src)
+        # Quantized in FP32 first, then lowered node by node: modelopt's own fp16 pass takes an op-type
+        # block list only, and keeping every Add in FP32 because one mask Add overflows would keep the
+        # residual adds there too.
         modelopt_quantize(onnx_path=str(src), quantize_mode="int8", calibration_data_reader=FeedReader(feeds),
                           calibration_method=settings.calibration_method, calibration_eps=["cpu"],
                           op_types_to_quantize=list(settings.op_types) or None, output_path=str(tmp_out),
-                          high_precision_dtype=settings.high_precision_dtype,
+                          high_precision_dtype="fp32",
                           disable_mha_qdq=settings.disable_mha_qdq, nodes_to_exclude=list(settings.nodes_to_exclude),
                           log_level="WARNING")
+        precision = _lower_precision(tmp_out, feeds, settings)
         structure = check_qdq_structure(tmp_out, exempt=settings.nodes_to_exclude)
         report = {"tool": f"nvidia-modelopt {modelopt.__version__}", "settings": dataclasses.asdict(settings),
-                  **_facts(fp32, tmp_out, started, feeds), "structure": structure}
+                  **_facts(fp32, tmp_out, started, feeds), "structure": structure, "precision": precision}
         os.replace(tmp_out, out_onnx)
     save_calibration(out_onnx.with_suffix(CALIBRATION_SUFFIX), feeds)
     report = _save_report(out_onnx, report)
     log.info("modelopt INT8 QDQ -> %s in %.0f s", out_onnx, report["seconds"])
     return report
+
+
+# ---- FP16 high precision: what overflows stays FP32, the rest is counted -----------------------------
+
+FP16_MAX = float(np.finfo(np.float16).max)  # 65504
+_FLOAT_NAMES = {onnx.TensorProto.FLOAT: "fp32", onnx.TensorProto.FLOAT16: "fp16", onnx.TensorProto.BFLOAT16: "bf16",
+                onnx.TensorProto.DOUBLE: "fp64"}
+# Reductions whose internal accumulator is larger than their output: ReduceL2's sum of squares is
+# output**2 (the encoder's final L2 norm). LayerNormalization is not here: its mean and variance are
+# computed in `stash_type` (FP32 by default) by ONNX Runtime and by TensorRT's ONNX parser alike.
+_SQUARED_OUTPUT = {"ReduceL2", "ReduceSumSquare"}
+
+
+def _types(model: onnx.ModelProto) -> dict[str, int]:
+    """Element type of every named tensor (inputs, outputs, initializers, Constant outputs, inferred values)."""
+    g = model.graph
+    types = {v.name: v.type.tensor_type.elem_type for v in (*g.input, *g.output, *g.value_info)}
+    types.update({t.name: t.data_type for t in g.initializer})
+    types.update({n.output[0]: n.attribute[0].t.data_type for n in g.node
+                  if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"})
+    return types
+
+
+def _inferred(onnx_path: Path) -> onnx.ModelProto:
+    return onnx.shape_inference.infer_shapes(onnx.load(str(onnx_path)))
+
+
+def tensor_magnitudes(onnx_path: Path, feeds: Sequence[dict[str, np.ndarray]]) -> dict[str, float]:
+    """max |x| of every FP32 tensor of the graph over the feeds (ORT CPU, every intermediate exposed)."""
+    model = _inferred(onnx_path)
+    types, g = _types(model), model.graph
+    consts = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+    consts.update({n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in g.node
+                   if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"})
+    out = {k: float(np.abs(v).max(initial=0.0)) for k, v in consts.items() if types.get(k) == onnx.TensorProto.FLOAT}
+    names = list(dict.fromkeys(o for n in g.node if n.op_type != "Constant" for o in n.output
+                               if o and types.get(o) == onnx.TensorProto.FLOAT))
+    known = {o.name for o in g.output}
+    g.output.extend(helper.make_tensor_value_info(x, onnx.TensorProto.FLOAT, None) for x in names if x not in known)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # the graph as written
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    for feed in feeds:
+        for name, value in zip(names, session.run(names, feed)):
+            out[name] = max(out.get(name, 0.0), float(np.abs(value).max(initial=0.0)))
+    return out
+
+
+def fp32_overflow_nodes(onnx_path: Path, feeds: Sequence[dict[str, np.ndarray]], margin: float) -> dict[str, str]:
+    """Nodes that must stay FP32 in an fp16 graph: node name -> the reason (tensor and its max |x|).
+
+    A node qualifies when a float tensor it reads or writes reaches FP16_MAX / margin on the feeds, or
+    when its accumulator does (ReduceL2: output squared). In a BERT export that is the attention-mask
+    constant (finfo(float32).min), the Where that selects it, every Add of it onto the attention scores
+    and the Softmax reading those sums; calibration decides, not a list of names."""
+    model, limit = onnx.load(str(onnx_path), load_external_data=False), FP16_MAX / margin
+    mags = tensor_magnitudes(onnx_path, feeds)
+    keep = {}
+    for node in model.graph.node:
+        seen = [(x, mags[x]) for x in (*node.input, *node.output) if x in mags]
+        if node.op_type in _SQUARED_OUTPUT:
+            seen += [(f"{o} squared", mags[o] ** 2) for o in node.output if o in mags]
+        over = [(x, m) for x, m in seen if m >= limit]
+        if over:
+            x, m = max(over, key=lambda t: t[1])
+            keep[node.name] = f"{x}: max |x| {m:.3g} >= {limit:.3g}"
+    return keep
+
+
+def _to_fp16(model: onnx.ModelProto, keep_fp32: Sequence[str]) -> onnx.ModelProto:
+    """modelopt's convert_to_f16 (what its quantize(high_precision_dtype="fp16") runs), by node name
+    instead of op type; keep_io_types, so INT64 ids stay INT64 and the FP32 embedding stays FP32."""
+    from modelopt.onnx import utils as mo_utils
+    from modelopt.onnx.autocast import convert as ac, utils as ac_utils
+    from modelopt.onnx.autocast.graphsanitizer import GraphSanitizer
+    from modelopt.onnx.autocast.precisionconverter import PrecisionConverter
+
+    io = ac._capture_network_io_metadata(model, True)
+    opset = max(19, mo_utils.get_min_opset_for_precisions(mo_utils.get_qdq_precisions(model)))  # 19: fp16 Q/DQ scales
+    sanitizer = GraphSanitizer(model, min_opset=opset, max_ir_version=ac.LATEST_IR_VERSION_SUPPORTED_BY_ORT)
+    sanitizer.find_custom_nodes()
+    sanitizer.convert_opset()
+    sanitizer.ensure_graph_name_exists()
+    sanitizer.convert_fp64_to_fp32()
+    model = mo_utils.infer_types(sanitizer.model, False, strict_mode=True)
+    converter = PrecisionConverter(model, *ac_utils.setup_mappings(model), keep_io_types=True,
+                                   low_precision_type="fp16", custom_ops=sanitizer.custom_ops,
+                                   original_network_io_metadata=io)
+    keep = set(keep_fp32)
+    return converter.convert([n.name for n in model.graph.node if n.name in keep],
+                             [n.name for n in model.graph.node if n.name not in keep])
+
+
+def _fp16_capable(op_type: str, opset: int) -> bool:
+    """Whether the ONNX schema lets this op compute in float16 at all (Range, for one, does not)."""
+    try:
+        schema = onnx.defs.get_schema(op_type, opset)
+    except Exception:  # custom domains: not ours to judge
+        return True
+    allowed = {t for c in schema.type_constraints for t in c.allowed_type_strs}
+    return "tensor(float16)" in allowed
+
+
+def float_census(onnx_path: Path) -> dict:
+    """How many float tensors and ops of the graph are FP16 and FP32, and which ops are FP32.
+
+    An op's precision is the float type of its data tensors; Cast, QuantizeLinear and
+    DequantizeLinear convert between types and are counted apart (casts by direction)."""
+    model = _inferred(onnx_path)
+    types, g = _types(model), model.graph
+    name = lambda t: _FLOAT_NAMES.get(t)  # noqa: E731
+    live = {*(v.name for v in g.input), *(t.name for t in g.initializer), *(o for n in g.node for o in n.output)}
+    tensors = Counter(name(t) for x, t in types.items() if x in live and name(t))  # no stale value_info
+    ops, by_type, casts, fp32_ops = Counter(), {}, Counter(), []
+    for node in g.node:
+        kinds = {name(types.get(x)) for x in (*node.input, *node.output) if x and name(types.get(x))}
+        if node.op_type == "Cast":
+            src, dst = name(types.get(node.input[0])), name(types.get(node.output[0]))
+            casts[f"{src or 'other'}->{dst or 'other'}"] += 1
+            continue
+        if not kinds or node.op_type == "Constant":
+            continue
+        kind = "mixed" if len(kinds) > 1 and node.op_type not in ("QuantizeLinear", "DequantizeLinear") else \
+            sorted(kinds)[0]
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            by_type.setdefault(node.op_type, Counter())[kind] += 1
+            continue
+        ops[kind] += 1
+        by_type.setdefault(node.op_type, Counter())[kind] += 1
+        if kind != "fp16":
+            fp32_ops.append(node.name)
+    io = {v.name: onnx.TensorProto.DataType.Name(v.type.tensor_type.elem_type) for v in (*g.input, *g.output)}
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    return {"tensors": dict(sorted(tensors.items())), "ops": dict(sorted(ops.items())),
+            "ops_by_type": {k: dict(sorted(v.items())) for k, v in sorted(by_type.items())},
+            "casts": dict(sorted(casts.items())), "fp32_ops": sorted(fp32_ops), "io": io, "opset": opset}
+
+
+def check_float_census(census: dict, source_io: dict[str, str], keep_fp32: dict[str, str],
+                       op_types: dict[str, str]) -> None:
+    """Raise FloatCensusError unless the graph is what _lower_precision meant: the source's I/O types,
+    every op FP16 except the overflow nodes and ops ONNX has no float16 form of, and those FP32.
+    `op_types`: node name -> op type, for the schema check."""
+    problems = []
+    if census["io"] != source_io:
+        problems.append(f"graph I/O types changed: {source_io} -> {census['io']}")
+    fp32 = set(census["fp32_ops"])
+    unintended = sorted(n for n in fp32 - set(keep_fp32)
+                        if _fp16_capable(op_types.get(n, ""), census["opset"]))
+    if unintended:
+        problems.append(f"{len(unintended)} op(s) left FP32 that nothing overflows in: {unintended[:6]}")
+    converted = sorted(n for n in set(keep_fp32) - fp32 if n in op_types and op_types[n] != "Constant")
+    if converted:
+        problems.append(f"{len(converted)} overflowing op(s) lowered to FP16 anyway: {converted[:6]}")
+    if not census["ops"].get("fp16"):
+        problems.append("no op runs in FP16")
+    if problems:
+        raise FloatCensusError("; ".join(problems))
+
+
+def ort_cpu_precision(onnx_path: Path) -> dict[str, dict[str, int]]:
+    """Per op type, how many nodes ONNX Runtime's CPU provider really runs in fp16 and how many in FP32.
+
+    ORT CPU lacks fp16 kernels for most arithmetic; its InsertCastTransformer then wraps the node in
+    Casts (named InsertedPrecisionFreeCast_*) and computes it in FP32, rounding the output back to fp16.
+    So a fp16 graph scored on ORT CPU measures fp16 storage between ops, not fp16 arithmetic inside
+    them. The session's own graph (saved with optimisation off) shows which is which."""
+    with tempfile.TemporaryDirectory(prefix="ort-fp16-") as tmp:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        options.optimized_model_filepath = str(Path(tmp) / "as-run.onnx")
+        ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+        model = _inferred(Path(tmp) / "as-run.onnx")
+    types, out = _types(model), {}
+    for node in model.graph.node:
+        kinds = {_FLOAT_NAMES.get(types.get(x)) for x in (*node.input, *node.output) if x} - {None}
+        if node.op_type in ("Cast", "Constant") or not kinds:
+            continue
+        kind = sorted(kinds)[0] if len(kinds) == 1 else "mixed"
+        out.setdefault(node.op_type, Counter())[kind] += 1
+    return {k: dict(sorted(v.items())) for k, v in sorted(out.items())}
+
+
+def emulate_fp16_storage(fp16_onnx: Path, out_onnx: Path) -> Path:
+    """An FP32 copy of a mixed fp16 graph that rounds every fp16 tensor to fp16 with explicit Casts.
+
+    What ORT CPU cannot show (ort_cpu_precision): it computes most fp16 ops in FP32 and drops the
+    fp16 rounding between two such ops, so an overflow between them never happens. Here every value
+    the graph stores in fp16 goes through Cast(fp16) -> Cast(fp32) right after it is produced, so
+    rounding and overflow (to inf) happen where they would on a GPU; arithmetic inside an op stays
+    FP32, as TensorRT's fp16 GEMMs and reductions accumulate. Run it with optimisation off."""
+    model = onnx.load(str(fp16_onnx))
+    g, f16, f32 = model.graph, onnx.TensorProto.FLOAT16, onnx.TensorProto.FLOAT
+    types = _types(onnx.shape_inference.infer_shapes(model))
+    for t in g.initializer:
+        if t.data_type == f16:
+            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float32), t.name))
+    nodes = []
+    for node in g.node:
+        for a in node.attribute:
+            if node.op_type == "Cast" and a.name == "to" and a.i == f16:
+                a.i = f32
+            if node.op_type == "Constant" and a.name == "value" and a.t.data_type == f16:
+                a.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(a.t).astype(np.float32), a.t.name))
+        nodes.append(node)
+        for k, out in enumerate(node.output):
+            if out and types.get(out) == f16:
+                node.output[k] = f"{out}__pre_fp16"
+                nodes += [helper.make_node("Cast", [node.output[k]], [f"{out}__fp16"], to=f16, name=f"{out}__round"),
+                          helper.make_node("Cast", [f"{out}__fp16"], [out], to=f32, name=f"{out}__back")]
+    del g.node[:]
+    g.node.extend(nodes)
+    del g.value_info[:]
+    for v in (*g.input, *g.output):
+        if v.type.tensor_type.elem_type == f16:
+            v.type.tensor_type.elem_type = f32
+    onnx.save(model, str(out_onnx))
+    return Path(out_onnx)
+
+
+def _lower_precision(qdq_onnx: Path, feeds: Sequence[dict[str, np.ndarray]], settings: QdqSettings) -> dict:
+    """Lower the FP32 Q/DQ graph in place to settings.high_precision_dtype; returns what the report keeps.
+
+    fp16: the overflow nodes stay FP32, the rest becomes FP16, and the float census is checked.
+    bf16 has FP32's range, so nothing overflows and modelopt's own converter does all of it."""
+    before = float_census(qdq_onnx)
+    if settings.high_precision_dtype == "fp32":
+        return {"high_precision_dtype": "fp32", "census": before}
+    if settings.high_precision_dtype == "bf16":
+        from modelopt.onnx.autocast.convert import convert_to_f16
+
+        onnx.save(convert_to_f16(onnx.load(str(qdq_onnx)), low_precision_type="bf16", keep_io_types=True),
+                  str(qdq_onnx))
+        return {"high_precision_dtype": "bf16", "census": float_census(qdq_onnx)}
+    keep = fp32_overflow_nodes(qdq_onnx, feeds, settings.fp16_overflow_margin)
+    onnx.save(_to_fp16(onnx.load(str(qdq_onnx)), list(keep)), str(qdq_onnx))
+    census = float_census(qdq_onnx)
+    op_types = {n.name: n.op_type for n in onnx.load(str(qdq_onnx), load_external_data=False).graph.node}
+    check_float_census(census, before["io"], keep, op_types)
+    log.info("fp16 Q/DQ graph: %s ops FP16, %s FP32 (%d kept for overflow)", census["ops"].get("fp16", 0),
+             census["ops"].get("fp32", 0), len(keep))
+    return {"high_precision_dtype": "fp16", "census": census, "census_fp32_graph": before,
+            "kept_fp32_for_overflow": keep, "fp16_max_over_margin": FP16_MAX / settings.fp16_overflow_margin}
 
 
 def check_qdq_structure(onnx_path: Path, op_types: Sequence[str] = ("MatMul", "Gemm"), min_gemm_dim: int = 16,
@@ -629,24 +889,62 @@ def build_qdq(args) -> dict:
     cal_texts, held_out = split_texts(args.catalog, args.n_calibration, args.n_eval, args.seed)
     out = Path(args.out) / runtime.ENCODER_FILE
     settings = QdqSettings(calibration_method=args.calibration_method, n_calibration_samples=len(cal_texts),
-                           nodes_to_exclude=tuple(args.exclude))
+                           nodes_to_exclude=tuple(args.exclude), high_precision_dtype=args.high_precision)
     report = quantize_qdq_modelopt(args.onnx, out, encoder_calibration_feeds(args.tokenizer, cal_texts), settings)
     _write_atomic(out.parent / "calibration_texts.json", lambda p: p.write_text(json.dumps(cal_texts, indent=1)))
     tok = runtime.BucketTokenizer(args.tokenizer)
     reference, emb = (runtime.encode_texts(tok, runtime.ort_session(p, args.threads), held_out, 32)
                       for p in (args.onnx, out))
     timing = time_encoders({"fp32": args.onnx, "qdq": out}, args.tokenizer, held_out, args.threads, args.runs)
-    label = f"modelopt QDQ {args.calibration_method}" + "".join(f" {x}-float" for x in args.exclude)
+    label = f"modelopt QDQ {args.calibration_method} {args.high_precision}" + "".join(f" {x}-float" for x in args.exclude)
     row = {"variant": label, "mb": _mb(out), **fidelity(reference, emb), **timing["qdq"]}
-    report["evaluation"] = {"held_out_texts": len(held_out), "fp32": timing["fp32"], "qdq_on_ort_cpu": row}
+    report["evaluation"] = {"held_out_texts": len(held_out), "fp32": timing["fp32"], "qdq_on_ort_cpu": row,
+                            "ort_cpu_precision": ort_cpu_precision(out)}
     report = _save_report(out, report)
     print(_table([{"variant": "fp32", **timing["fp32"]}, row]))
     return report
 
 
+def census(args) -> dict:
+    """The float census of a graph, and what ONNX Runtime's CPU provider really runs in fp16."""
+    out = {"census": float_census(args.onnx), "ort_cpu_precision": ort_cpu_precision(args.onnx)}
+    print(json.dumps(out, indent=1))
+    return out
+
+
+def fidelity_gate(args) -> dict:
+    """Encoder graphs against the FP32 export on the catalog's held-out queries and titles (the encoder
+    report's texts and measures: mean cosine, top-10 neighbour overlap), each run by ORT CPU as written
+    and, for graphs with fp16 tensors, also with fp16 storage emulated (emulate_fp16_storage)."""
+    from conversion.catalog_generator import Catalog
+    from conversion.encoder_report import TARGETS, measure_fidelity
+    from conversion.prune_encoder import split_texts
+
+    texts = split_texts(Catalog.load(args.catalog))
+    paths = {"fp32": args.reference}
+    with tempfile.TemporaryDirectory(prefix="fp16-emulated-") as tmp:
+        for k, path in enumerate(args.candidate):
+            paths[str(path)] = path
+            if float_census(path)["tensors"].get("fp16"):
+                paths[f"{path} (fp16 storage emulated)"] = emulate_fp16_storage(path, Path(tmp) / f"{k}.onnx")
+        rows = measure_fidelity(paths, runtime.BucketTokenizer(args.tokenizer), texts["heldout_queries"],
+                                texts["heldout_titles"])
+    gate = {k: TARGETS[k] for k in ("mean_cosine", "top10_overlap")}
+    for name, row in rows.items():
+        row["passes_gate"] = all(row[k] >= v for k, v in gate.items())
+        print(f"{name}: mean cos {row['mean_cosine']:.4f}, min cos {row['min_cosine']:.4f}, "
+              f"top-10 overlap {row['top10_overlap']:.3f}, gate {'PASS' if row['passes_gate'] else 'FAIL'}")
+    out = {"gate": gate, "heldout": {k: len(texts[k]) for k in ("heldout_queries", "heldout_titles")}, "rows": rows}
+    if args.out_json:
+        Path(args.out_json).write_text(json.dumps(out, indent=2))
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m conversion.quantize", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("census", help="count FP16/FP32 tensors and ops of a graph").add_argument(
+        "--onnx", type=Path, required=True)
     for name, help_ in (("compare", "measure the INT8 variants of an encoder"),
                         ("qdq", "write the modelopt INT8 QDQ encoder for TensorRT")):
         c = sub.add_parser(name, help=help_)
@@ -665,9 +963,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     cmp_.add_argument("--modelopt", action="store_true", help="also measure the modelopt QDQ variants on CPU")
     qdq.add_argument("--out", type=Path, required=True, help="folder for encoder.onnx and its calibration set")
     qdq.add_argument("--calibration-method", default="max", choices=("max", "entropy"))
+    qdq.add_argument("--high-precision", default=QdqSettings.high_precision_dtype, choices=("fp16", "fp32", "bf16"),
+                     help="float type of everything not INT8 (default %(default)s)")
     qdq.add_argument("--exclude", action="append", default=None, metavar="REGEX",
                      help=f"node names to keep in float (repeatable; default {BERT_FFN_IN!r}, '' for none)")
+    gate = sub.add_parser("fidelity", help="encoder graphs vs the FP32 export in ORT CPU (+ fp16 storage emulated)")
+    gate.add_argument("--reference", type=Path, required=True, help="the FP32 export")
+    gate.add_argument("--candidate", type=Path, action="append", required=True, help="repeatable")
+    gate.add_argument("--tokenizer", type=Path, required=True)
+    gate.add_argument("--catalog", type=Path, required=True, help="stage-02 catalog folder (its held-out split)")
+    gate.add_argument("--out-json", type=Path)
     args = p.parse_args(argv)
+    if args.command == "fidelity":
+        fidelity_gate(args)
+        return 0
+    if args.command == "census":
+        census(args)
+        return 0
     if args.command == "qdq":
         args.exclude = [x for x in (args.exclude if args.exclude is not None else [BERT_FFN_IN]) if x]
     # WARNING for the root logger: onnxruntime's quantizer logs every tensor at INFO there.

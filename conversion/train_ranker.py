@@ -12,8 +12,10 @@ The stage writes the FP32 model (`ranker_fp32.onnx`) and the compressed one at t
 server loads (`ranker.onnx`): the FP32 model's similarity heads, cross rank units and deep
 neurons are pruned by measured importance, fine-tuned, and then stored in every candidate
 format (FP32, FP16/INT8 tables, ORT INT8); candidates whose test AUC falls more than
-`max_auc_drop` below FP32 are rejected, and the simplest survivor is served unless another is
-clearly faster (ORT, 2 threads, 1000 candidates). metrics.json holds the AUCs (ground truth,
+`max_auc_drop` below FP32, or whose top 10 over held-out 100- and 1000-candidate sets shares less
+than `min_top10_overlap` with the FP32 ranker's, are rejected, and the simplest survivor is served
+unless another is clearly faster (ORT, 2 threads, 1000 candidates). When none survives at any
+prune fraction, the FP32 ranker itself is served (`chosen: fp32` in metrics.json). metrics.json holds the AUCs (ground truth,
 FP32, compressed, optionally the old baseline) and latencies. Choices and numbers: docs/ranker.md.
 """
 from __future__ import annotations
@@ -22,6 +24,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -79,6 +82,13 @@ class CompressionSettings:
     ort_int8: bool = True  # also try ONNX Runtime static INT8 (conversion.quantize) on the pruned graph
     tensorrt_qdq: bool = True  # also write the pruned model as modelopt Q/DQ ONNX (RANKER_QDQ_ONNX) for TensorRT
     max_auc_drop: float = 0.005  # the acceptance gate (DESIGN.md): compressed AUC >= FP32 AUC - this
+    # ... and the ranking gate: AUC does not see the order of near-equal scores inside one candidate
+    # set, which is what a search page shows. Mean share of the FP32 ranker's top 10 that the
+    # compressed one also puts in its top 10, over held-out candidate sets of each size. A build
+    # where no compressed format meets both gates serves the FP32 ranker (docs/ranker.md).
+    min_top10_overlap: float = 0.95
+    ranking_set_sizes: tuple[int, ...] = (100, 1000)
+    ranking_sets: int = 100  # candidate sets per size
     # a candidate must be this much faster than the simplest passing one to be served instead;
     # timings on a shared 2-core box move by more than a few percent between runs
     min_speedup: float = 0.10
@@ -445,6 +455,41 @@ def onnx_metrics(path: Path, position_logit: nn.Embedding, data: ClickData, idx:
     return _metrics(log_p, data, idx)
 
 
+def ranking_sets(data: ClickData, idx: np.ndarray, sizes: tuple[int, ...], n_sets: int,
+                 seed: int) -> dict[int, list[dict[str, np.ndarray]]]:
+    """Held-out candidate sets as serving sees them: a test impression's query and user, with `size`
+    catalog items drawn at random (no cold-start row), so the order among many unrelated items counts."""
+    rng = np.random.default_rng(seed)
+    n_items = data.item_emb.shape[0] - 1
+    out: dict[int, list[dict[str, np.ndarray]]] = {}
+    names = [spec.query_embedding(0).name, spec.item_embedding(0).name, spec.ITEM_FEATURES.name,
+             spec.USER_FEATURES.name]
+    for size in sizes:
+        sets = []
+        for row in rng.choice(idx, size=n_sets, replace=len(idx) < n_sets):
+            items = torch.from_numpy(rng.choice(np.arange(1, n_items + 1), size=min(size, n_items), replace=False))
+            rows = torch.full((len(items),), int(row), dtype=torch.long)
+            tensors = data.batch(rows, item_row=items, user_row=data.user_row[rows])
+            sets.append({n: np.ascontiguousarray(t.numpy()) for n, t in zip(names, tensors)})
+        out[size] = sets
+    return out
+
+
+def top10_overlap(reference: Path, candidate: Path, sets: dict[int, list[dict[str, np.ndarray]]],
+                  k: int = 10) -> dict[str, float]:
+    """Per set size: mean share of the reference's top k that the candidate also ranks in its top k."""
+    ref_session, cand_session = ort_session(reference, threads=2), ort_session(candidate, threads=2)
+    out = {}
+    for size, feeds in sets.items():
+        shares = []
+        for f in feeds:
+            ref = np.argsort(-ref_session.run(None, f)[0].reshape(-1), kind="stable")[:k]
+            got = np.argsort(-cand_session.run(None, f)[0].reshape(-1), kind="stable")[:k]
+            shares.append(len(set(ref.tolist()) & set(got.tolist())) / k)
+        out[str(size)] = float(np.mean(shares))
+    return out
+
+
 def measure_latency(paths: dict[str, Path], feeds_by_size: dict[int, dict[str, np.ndarray]], runs: int = 300,
                     threads: int = 2, progress: bool = True) -> dict[str, dict[str, float]]:
     """Median ms per ORT call for every model and candidate count, sessions created as serving
@@ -513,11 +558,20 @@ def choose(candidates: list[dict], min_speedup: float, size: str = "1000") -> di
     return best
 
 
+def check_ranking_gate(overlap: dict[str, float], min_overlap: float, name: str = "compressed") -> None:
+    """Raise CompressionGateError when the compressed ranker's top 10 strays from the FP32 ranker's."""
+    low = {size: v for size, v in overlap.items() if v < min_overlap}
+    if low:
+        raise CompressionGateError(f"{name} ranker top-10 overlap with FP32 " + ", ".join(
+            f"{v:.3f} at {size} candidates" for size, v in low.items()) + f" (gate: at least {min_overlap})")
+
+
 def _candidates(pruned: SearchRanker, pruned_pos: nn.Embedding, data: ClickData, splits, settings: RankerSettings,
                 scratch: Path, fp32_auc: float, latency_feeds, progress: bool,
-                fp32_onnx: Path | None = None) -> tuple[list[dict], dict | None]:
-    """Every stored format of one pruned model, exported, timed and gated on test AUC; the FP32
-    file, when given, is timed in the same interleaved run (its latency is returned beside)."""
+                fp32_onnx: Path | None = None, sets: dict | None = None) -> tuple[list[dict], dict | None]:
+    """Every stored format of one pruned model, exported, timed and gated on test AUC and, given the
+    FP32 file and held-out candidate `sets`, on top-10 agreement with it; the FP32 file, when given,
+    is timed in the same interleaved run (its latency is returned beside)."""
     c = settings.compression
     example = data.batch(torch.from_numpy(splits["test"][:256]))
     test_idx = splits["test"]
@@ -539,8 +593,12 @@ def _candidates(pruned: SearchRanker, pruned_pos: nn.Embedding, data: ClickData,
     for x in candidates:
         x.update(onnx_metrics(x["path"], pruned_pos, data, test_idx), latency_ms=latency[x["name"]],
                  bytes=x["path"].stat().st_size)
+        if fp32_onnx is not None and sets:
+            x["top10_overlap"] = top10_overlap(fp32_onnx, x["path"], sets)
         try:
             check_compression_gate(fp32_auc, x["auc"], c.max_auc_drop, x["name"])
+            if "top10_overlap" in x:
+                check_ranking_gate(x["top10_overlap"], c.min_top10_overlap, x["name"])
             x["gate_passed"] = True
         except CompressionGateError as e:
             log.warning("REJECTED: %s", e)
@@ -550,17 +608,22 @@ def _candidates(pruned: SearchRanker, pruned_pos: nn.Embedding, data: ClickData,
 
 def compress(model: SearchRanker, position_logit: nn.Embedding, data: ClickData, splits: dict[str, np.ndarray],
              settings: RankerSettings, folder: Path, fp32_auc: float, latency_feeds, progress: bool = True,
-             fp32_onnx: Path | None = None) -> dict:
-    """Prune + fine-tune, write every candidate format to `folder`, gate each on test AUC, time
-    them, and put the chosen one at RANKER_ONNX / RANKER_WEIGHTS. Returns the compression report;
-    with `fp32_onnx`, the FP32 model is timed in the same interleaved run as the candidates
+             fp32_onnx: Path | None = None, fp32_metrics: dict | None = None) -> dict:
+    """Prune + fine-tune, write every candidate format to `folder`, gate each on test AUC and (with
+    `fp32_onnx`) on top-10 agreement with the FP32 ranker over held-out candidate sets, time them,
+    and put the chosen one at RANKER_ONNX / RANKER_WEIGHTS. Returns the compression report; with
+    `fp32_onnx`, the FP32 model is timed in the same interleaved run as the candidates
     (report["fp32_latency_ms"]), so load from other processes hits both sides alike.
 
-    When no format of the pruned model passes the gate, the next (milder) fraction of
-    `fallback_fractions` is tried; when none is left, CompressionGateError is raised.
+    When no format of the pruned model passes, the next (milder) fraction of `fallback_fractions` is
+    tried; when none is left, the FP32 ranker itself is served if `fp32_onnx` is given (it costs
+    little: docs/ranker.md), else CompressionGateError is raised.
     """
     c = settings.compression
+    sets = (ranking_sets(data, splits["test"], c.ranking_set_sizes, c.ranking_sets, settings.seed)
+            if fp32_onnx is not None else None)
     attempts = []
+    chosen = None
     for fraction in (c.prune_fraction, *(f for f in c.fallback_fractions if f < c.prune_fraction)):
         attempt_settings = dataclasses.replace(settings, compression=dataclasses.replace(c, prune_fraction=fraction))
         pruned, pruned_pos, prune_report = prune_and_finetune(model, position_logit, data, splits, attempt_settings,
@@ -568,14 +631,14 @@ def compress(model: SearchRanker, position_logit: nn.Embedding, data: ClickData,
         scratch = folder / f"candidates-prune{round(100 * fraction)}"
         scratch.mkdir()
         candidates, fp32_latency = _candidates(pruned, pruned_pos, data, splits, settings, scratch, fp32_auc,
-                                               latency_feeds, progress, fp32_onnx)
+                                               latency_feeds, progress, fp32_onnx, sets)
         attempts.append({"prune_fraction": fraction, "prune": prune_report, "candidates": candidates})
         try:
             chosen = choose(candidates, c.min_speedup)
             break
         except CompressionGateError as e:
             log.warning("compression at prune fraction %.2f rejected: %s", fraction, e)
-    else:
+    if chosen is None and fp32_onnx is None:
         raise CompressionGateError(f"no compressed ranker kept test AUC within {c.max_auc_drop} of FP32 "
                                    f"{fp32_auc:.4f} at prune fractions {[a['prune_fraction'] for a in attempts]}")
     qdq = None
@@ -584,17 +647,37 @@ def compress(model: SearchRanker, position_logit: nn.Embedding, data: ClickData,
         qdq = export_ranker_qdq(source["path"], folder / RANKER_QDQ_ONNX, calibration_feeds(data, splits, settings.seed))
         # ORT runs Q/DQ graphs too: the AUC a TensorRT engine of this file should come close to
         qdq.update(onnx_metrics(folder / RANKER_QDQ_ONNX, pruned_pos, data, splits["test"]))
-    chosen["path"].replace(folder / RANKER_ONNX)
+        if sets:
+            qdq["top10_overlap"] = top10_overlap(fp32_onnx, folder / RANKER_QDQ_ONNX, sets)
+    if chosen is None:  # no compressed format is faithful enough: serve the FP32 ranker
+        log.warning("no compressed ranker passed the gates; serving the FP32 ranker")
+        shutil.copyfile(fp32_onnx, folder / RANKER_ONNX)
+        chosen = {"name": "fp32", "path": folder / RANKER_ONNX, "tables": "fp32", "export": None,
+                  **{k: (fp32_metrics or {}).get(k) for k in ("logloss", "auc", "ground_truth_auc")},
+                  "latency_ms": fp32_latency, "bytes": fp32_onnx.stat().st_size, "gate_passed": True,
+                  "top10_overlap": {str(n): 1.0 for n in c.ranking_set_sizes}}
+        candidates = [*candidates, chosen]
+        served_model, served_fraction = model, 0.0
+        save_ranker(model, folder / RANKER_WEIGHTS)
+    else:
+        chosen["path"].replace(folder / RANKER_ONNX)
+        served_model, served_fraction = pruned, attempts[-1]["prune_fraction"]
+        save_ranker(pruned, folder / RANKER_WEIGHTS, tables=chosen["tables"],
+                    ort_int8=chosen["name"].endswith("ort-int8"))
     for a in attempts:
         for x in a["candidates"]:
             x["path"] = RANKER_ONNX if x is chosen else str(x["path"].relative_to(folder))
-    save_ranker(pruned, folder / RANKER_WEIGHTS, tables=chosen["tables"], ort_int8=chosen["name"].endswith("ort-int8"))
+    if chosen["name"] == "fp32":
+        chosen["path"] = RANKER_ONNX
     log.info("serving %s at prune fraction %.2f: test auc %.4f (fp32 %.4f), %.3f ms at 1000 candidates",
-             chosen["name"], attempts[-1]["prune_fraction"], chosen["auc"], fp32_auc, chosen["latency_ms"]["1000"])
-    return {"chosen": chosen["name"], "prune_fraction": attempts[-1]["prune_fraction"],
-            "gate": {"max_auc_drop": c.max_auc_drop, "passed": True, "fp32_auc": fp32_auc, "served_auc": chosen["auc"]},
+             chosen["name"], served_fraction, chosen["auc"], fp32_auc, chosen["latency_ms"]["1000"])
+    return {"chosen": chosen["name"], "prune_fraction": served_fraction,
+            "gate": {"max_auc_drop": c.max_auc_drop, "min_top10_overlap": c.min_top10_overlap,
+                     "ranking_sets": {str(n): c.ranking_sets for n in c.ranking_set_sizes} if sets else None,
+                     "passed": True, "compressed_passed": chosen["name"] != "fp32", "fp32_auc": fp32_auc,
+                     "served_auc": chosen["auc"], "served_top10_overlap": chosen.get("top10_overlap")},
             "candidates": candidates, "prune": prune_report, "attempts": attempts[:-1], "fp32_latency_ms": fp32_latency,
-            "flops_per_row": flops_per_row(pruned), "tensorrt_qdq": qdq}
+            "flops_per_row": flops_per_row(served_model), "tensorrt_qdq": qdq}
 
 
 # ---- the stage ------------------------------------------------------------------------------
@@ -641,7 +724,7 @@ def build_ranker(settings: RankerSettings, force: bool = False, progress: bool =
         metrics["export"] = export_ranker_onnx(model, tmp / RANKER_FP32_ONNX, example)
         fp32 = onnx_metrics(tmp / RANKER_FP32_ONNX, position_logit, data, splits["test"])
         compression = compress(model, position_logit, data, splits, settings, tmp, fp32["auc"], latency_feeds,
-                               progress, fp32_onnx=tmp / RANKER_FP32_ONNX)
+                               progress, fp32_onnx=tmp / RANKER_FP32_ONNX, fp32_metrics=fp32)
         fp32["latency_ms"] = compression["fp32_latency_ms"]
         served = next(c for c in compression["candidates"] if c["name"] == compression["chosen"])
         metrics["fp32"] = {**fp32, "flops_per_row": flops_per_row(model), "bytes": (tmp / RANKER_FP32_ONNX).stat().st_size}

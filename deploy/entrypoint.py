@@ -5,21 +5,27 @@ The same command serves the CPU rendering on a machine without a GPU, which is h
 tested with the real server (tests/deploy). exec, not a child process: tritonserver becomes the
 container's main process, so Kubernetes' SIGTERM reaches it directly and starts its drain
 (--exit-timeout-secs) without a supervisor in between.
+
+Before that, this Python process is PID 1, and the kernel drops signals that PID 1 has no handler
+for: a SIGTERM during a minutes-long engine build would be ignored until the kubelet's SIGKILL. So
+the handler is the first thing main() installs; it removes the build's partial files and exits.
 """
 from __future__ import annotations
 
 import argparse
 import logging
 import os
+import signal
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from conversion.build_trt_engine import BuildTarget, SettingsError, TensorRTUnavailableError, TrtBuildError, \
     TrtBuildSettings, probe_target
+from deploy import engines, gpu_pod
 from deploy.bundle import Bundle
 from deploy.cli import OneLineParser
-from deploy.engines import ensure_engine
+from deploy.engines import TensorRTVersionMismatchError, ensure_engine
 from model_repository import spec
 from model_repository.render import render_repository
 from model_repository.triton_server import TritonPorts, TritonSettings, prepare_backends, server_command, server_env
@@ -45,6 +51,24 @@ class EntrypointSettings:
     ort_threads: int = spec.DEFAULT_ORT_THREADS
     tritonserver: Path | None = None
     log_verbose: int = 0
+    cpus: int | None = None  # GPU pods: the pod's CPUs (None: gpu_pod.pod_cpus())
+    plan_instances: int = 2
+    cuda_graphs: bool = True
+
+
+def install_sigterm_handler() -> None:
+    """SIGTERM/SIGINT end the start-up at once: partial engine files removed, exit 128 + signal.
+
+    exec() resets handled signals to their defaults, so tritonserver installs its own drain."""
+    def stop(signum, _frame):
+        removed = engines.interrupt_cleanup()
+        sys.stderr.write(f"{signal.Signals(signum).name} during start-up; stopping "
+                         f"(removed {len(removed)} partial engine file(s))\n")
+        sys.stderr.flush()
+        os._exit(128 + signum)  # not sys.exit: the build thread must not keep the process alive
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, stop)
 
 
 def choose_target(requested: str) -> tuple[str, BuildTarget | None]:
@@ -58,6 +82,9 @@ def choose_target(requested: str) -> tuple[str, BuildTarget | None]:
             raise
         log.info("no usable GPU/TensorRT (%s); serving the CPU repository", e)
         return "cpu", None
+    # Keyed on the TensorRT that Triton loads plans with; a wheel of another release fails here, also
+    # under `auto`: that is a broken image, not a machine without a GPU.
+    target = engines.server_target(target)
     log.info("GPU %s (compute %s), TensorRT %s", target.gpu_name, target.compute_capability, target.tensorrt_version)
     return "gpu", target
 
@@ -74,10 +101,21 @@ def prepare_repository(settings: EntrypointSettings, target: BuildTarget | None)
     """Render the repository for this node (building the plan first on a GPU node)."""
     bundle = Bundle.load(settings.bundle)
     pipeline = spec.build_spec(bundle.embedding_dim, ort_threads=settings.ort_threads)
-    plan = None
-    if target is not None:
-        plan = ensure_engine(bundle.gpu_onnx, settings.engine_cache, engine_settings(bundle, pipeline), target)
-    return render_repository(pipeline, bundle.artifacts, settings.repository, encoder_plan=plan)
+    if target is None:
+        return render_repository(pipeline, bundle.artifacts, settings.repository)
+    sizing = gpu_sizing(settings)
+    pipeline = gpu_pod.apply_to_spec(pipeline, sizing)
+    plan = ensure_engine(bundle.gpu_onnx, settings.engine_cache, engine_settings(bundle, pipeline), target)
+    repository = render_repository(pipeline, bundle.artifacts, settings.repository, encoder_plan=plan)
+    gpu_pod.tune_plan_config(repository, sizing)
+    return repository
+
+
+def gpu_sizing(settings: EntrypointSettings) -> gpu_pod.GpuPodSizing:
+    cpus = settings.cpus if settings.cpus is not None else gpu_pod.pod_cpus()
+    sizing = gpu_pod.size_for_cpus(cpus, settings.plan_instances, settings.cuda_graphs)
+    log.info("GPU pod sizing for %d CPUs: %s", cpus, sizing)
+    return sizing
 
 
 def server_invocation(settings: EntrypointSettings, repository: Path, gpu: bool) -> tuple[list[str], dict[str, str]]:
@@ -140,6 +178,13 @@ def parse_args(argv: list[str] | None) -> tuple[EntrypointSettings, bool]:
     p.add_argument("--tritonserver", type=Path, help=f"server binary (default {NGC_TRITONSERVER} if present, "
                                                       "else the nvidia-pytriton wheel's)")
     p.add_argument("--log-verbose", type=_non_negative, default=d.log_verbose)
+    p.add_argument("--cpus", type=_positive, default=None,
+                   help=f"GPU target: the pod's CPUs to size the CPU steps for (default ${gpu_pod.CPUS_ENV}, "
+                        "else this process's CPU set)")
+    p.add_argument("--plan-instances", type=_positive, default=d.plan_instances,
+                   help="GPU target: instances of the query encoder's TensorRT plan")
+    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=d.cuda_graphs,
+                   help="GPU target: CUDA graphs for batch-1 queries")
     p.add_argument("--print-command", action="store_true",
                    help="prepare the repository, print the tritonserver command line, do not start it")
     a = p.parse_args(argv)
@@ -151,16 +196,21 @@ def parse_args(argv: list[str] | None) -> tuple[EntrypointSettings, bool]:
         bundle=a.bundle, repository=a.repository, engine_cache=a.engine_cache, target=a.target, host=a.host,
         ports=TritonPorts(http=a.http_port, grpc=a.grpc_port, metrics=a.metrics_port),
         exit_timeout_s=a.exit_timeout_secs, ort_threads=a.ort_threads, tritonserver=a.tritonserver,
-        log_verbose=a.log_verbose), a.print_command
+        log_verbose=a.log_verbose, cpus=a.cpus, plan_instances=a.plan_instances, cuda_graphs=a.cuda_graphs), \
+        a.print_command
 
 
 def main(argv: list[str] | None = None) -> int:
+    install_sigterm_handler()  # first: as PID 1 without it, SIGTERM is dropped for the whole start-up
     settings, print_only = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         kind, target = choose_target(settings.target)
         repository = prepare_repository(settings, target)
         argv_, env = server_invocation(settings, repository, gpu=kind == "gpu")
+    except TensorRTVersionMismatchError as e:
+        sys.stderr.write(f"error: TensorRT version mismatch: {e}\n")
+        return 2
     except TensorRTUnavailableError as e:
         sys.stderr.write(f"error: --target gpu but TensorRT/GPU not usable: {e}\n")
         return 2

@@ -192,3 +192,112 @@ def test_pre_process_runs_and_leaves_nothing_in_the_cwd(fp32, tmp_path, monkeypa
     report = q.quantize_ort_int8(fp32, tmp_path / "pp.onnx", q.OrtInt8Settings(pre_process=True))
     assert report["pre_process"].startswith("symbolic shape inference")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pp.onnx", "pp.quantization.json"]
+
+
+# ---- FP16 high precision (issue 18): what overflows stays FP32, the census says so --------------------
+
+def _mlp_with_overflow(path: Path) -> Path:
+    """The MLP, then Y = (h * 2e4) / 2e4: the scaled tensor (and the constant) exceed fp16's range / margin,
+    so exactly that Mul and that Div must stay FP32 while the rest becomes FP16."""
+    _mlp(path)
+    model = onnx.load(str(path))
+    g = model.graph
+    g.node[-1].output[0] = "h4"
+    g.initializer.append(numpy_helper.from_array(np.array(2e4, np.float32), "big"))
+    g.node.extend([helper.make_node("Mul", ["h4", "big"], ["scaled"], name="big_mul"),
+                   helper.make_node("Div", ["scaled", "big"], ["Y"], name="big_div")])
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def fp16_qdq(tmp_path_factory) -> tuple[Path, Path, dict]:
+    work = tmp_path_factory.mktemp("fp16")
+    fp32 = _mlp_with_overflow(work / "mlp.onnx")
+    out = work / "mlp.qdq.onnx"
+    return fp32, out, q.quantize_qdq_modelopt(fp32, out, _feeds(n=4), q.QdqSettings(n_calibration_samples=64))
+
+
+def test_fp16_is_the_default_high_precision():
+    # TensorRT builds Q/DQ graphs strongly typed: an fp32 graph would run every non-INT8 op in FP32.
+    assert q.QdqSettings().high_precision_dtype == "fp16"
+
+
+def test_fp16_qdq_keeps_only_the_overflowing_ops_fp32(fp16_qdq):
+    fp32, out, report = fp16_qdq
+    precision = report["precision"]
+    census = q.float_census(out)
+    assert census == precision["census"]
+    assert set(precision["kept_fp32_for_overflow"]) == {"big_mul", "big_div"}
+    assert census["fp32_ops"] == ["big_div", "big_mul"]
+    assert census["io"] == {"X": "FLOAT", "Y": "FLOAT"}, "graph I/O keeps its types"
+    assert census["ops_by_type"]["MatMul"] == {"fp16": 2} and census["ops_by_type"]["Relu"] == {"fp16": 1}
+    assert census["ops"] == {"fp16": 5, "fp32": 2}  # fc1, fc1_bias, relu, fc2, fc2_bias | big_mul, big_div
+    assert census["ops_by_type"]["DequantizeLinear"] == {"fp16": 4}, "fp16 scales (opset >= 19)"
+    assert precision["census_fp32_graph"]["ops"] == {"fp32": 7}
+    assert report["structure"]["weighted_nodes_per_channel"] == 2
+    _assert_close(fp32, out)
+
+
+def test_fp16_without_the_overflow_rule_would_break_the_output(fp16_qdq, tmp_path):
+    # The same graph lowered with nothing kept FP32: 2e4 * h leaves fp16's range and the output is inf/garbage.
+    # This is what the rule prevents, and what a census of "everything FP16" would have hidden.
+    fp32, out, _ = fp16_qdq
+    all_fp16 = tmp_path / "all-fp16.qdq.onnx"
+    q.quantize_qdq_modelopt(fp32, all_fp16, _feeds(n=4), q.QdqSettings(n_calibration_samples=64,
+                                                                        high_precision_dtype="fp32"))
+    onnx.save(q._to_fp16(onnx.load(str(all_fp16)), []), str(all_fp16))
+    assert q.float_census(all_fp16)["ops"] == {"fp16": 7}
+    x = np.random.default_rng(5).standard_normal((256, D_IN)).astype(np.float32) * 4
+    # ORT CPU computes Mul and Div in FP32 and skips the fp16 rounding between them: no overflow there.
+    assert np.isfinite(_run(all_fp16, x)).all()
+    # Rounded to fp16 after every op, as a GPU stores it: the all-FP16 graph overflows, ours does not.
+    assert not np.isfinite(_run(q.emulate_fp16_storage(all_fp16, tmp_path / "all-fp16.emu.onnx"), x)).all()
+    emulated = _run(q.emulate_fp16_storage(out, tmp_path / "ours.emu.onnx"), x)
+    assert np.isfinite(emulated).all() and np.abs(emulated - _run(out, x)).max() < 0.05 * np.abs(emulated).max()
+
+
+def test_census_check_names_what_is_wrong(fp16_qdq):
+    _, out, report = fp16_qdq
+    census = report["precision"]["census"]
+    op_types = {n.name: n.op_type for n in onnx.load(str(out)).graph.node}
+    keep = report["precision"]["kept_fp32_for_overflow"]
+    q.check_float_census(census, {"X": "FLOAT", "Y": "FLOAT"}, keep, op_types)
+    with pytest.raises(q.FloatCensusError, match=r"left FP32 that nothing overflows in: \['big_div'\]"):
+        q.check_float_census(census, census["io"], {"big_mul": "x"}, op_types)
+    with pytest.raises(q.FloatCensusError, match="lowered to FP16 anyway: \\['fc1'\\]"):
+        q.check_float_census(census, census["io"], {**keep, "fc1": "x"}, op_types)
+    with pytest.raises(q.FloatCensusError, match="I/O types changed"):
+        q.check_float_census(census, {"X": "INT64", "Y": "FLOAT"}, keep, op_types)
+
+
+def test_fp32_high_precision_is_still_available(fp32, tmp_path):
+    out = tmp_path / "mlp.fp32.qdq.onnx"
+    report = q.quantize_qdq_modelopt(fp32, out, _feeds(n=2), q.QdqSettings(high_precision_dtype="fp32"))
+    assert report["precision"]["census"]["ops"] == {"fp32": 5}
+    assert "fp16" not in report["precision"]["census"]["tensors"]
+
+
+def test_ort_cpu_precision_accounts_for_every_op(fp16_qdq):
+    _, out, _ = fp16_qdq
+    seen = q.ort_cpu_precision(out)
+    assert {"MatMul", "Relu", "Mul", "Div", "QuantizeLinear", "DequantizeLinear"} <= set(seen)
+    assert sum(seen["MatMul"].values()) == 2
+
+
+def test_built_encoder_qdq_is_fp16_with_the_mask_and_softmax_fp32(ci_models):
+    """The CI build's Q/DQ encoder (what a GPU node builds its plan from): its census, as the build checked it."""
+    from conversion.compress_encoder import QDQ_ONNX
+
+    path = ci_models["encoder"] / QDQ_ONNX
+    precision = json.loads(q.report_path(path).read_text())["precision"]
+    census = q.float_census(path)
+    assert precision["high_precision_dtype"] == "fp16" and census == precision["census"]
+    assert census["io"] == {"INPUT_IDS": "INT64", "ATTENTION_MASK": "INT64", "EMBEDDING": "FLOAT"}
+    assert set(census["ops_by_type"]["MatMul"]) == {"fp16"} and set(census["ops_by_type"]["Erf"]) == {"fp16"}
+    assert set(census["ops_by_type"]["LayerNormalization"]) == {"fp16"}
+    assert census["ops_by_type"]["Softmax"] == {"fp32": census["ops_by_type"]["Softmax"]["fp32"]}
+    kept = precision["kept_fp32_for_overflow"]
+    assert all("Softmax" in n or "Add" in n or "Where" in n or "Constant" in n for n in kept), kept
+    assert census["ops"]["fp16"] > 10 * census["ops"]["fp32"]

@@ -110,7 +110,8 @@ def test_copied_code_is_enough_for_the_entrypoint_and_backends(tmp_path):
     _copied_sources(src)
     # deploy.probe: the liveness probe runs inside the container (deploy/k8s)
     # conversion.encode_items: the item-encoding RayJob's entrypoint (deploy/k8s/rayjob)
-    modules = ["deploy.entrypoint", "deploy.probe", "deploy.bundle", "deploy.engines", "model_repository.render",
+    modules = ["deploy.entrypoint", "deploy.probe", "deploy.bundle", "deploy.engines", "deploy.gpu_pod",
+               "model_repository.render",
                "model_repository.runtime", "model_repository.spec", "conversion.encode_items"]
     # Backends import triton_python_backend_utils, which only exists inside Triton: check they
     # are present as files, and import everything else from the copied tree only.
@@ -137,3 +138,23 @@ def test_dockerignore_lets_in_every_copied_source():
         for src in line.split()[:-1]:
             assert src.rstrip("/") in allowed, f"{src} is excluded from the build context"
             assert (REPO_ROOT / src).exists() or src.rstrip("/") == IMAGE_BUNDLE.as_posix(), src
+
+
+def test_entrypoint_runs_through_nvidia_entrypoint():
+    # NVIDIA's script sets up CUDA forward compatibility on older drivers and then exec's its arguments,
+    # so our entrypoint (and, after its exec, tritonserver) is still PID 1.
+    (entrypoint,) = _instructions("ENTRYPOINT")
+    import json
+
+    assert json.loads(entrypoint) == ["/opt/nvidia/nvidia_entrypoint.sh", "python3", "-m", "deploy.entrypoint"]
+    assert not _instructions("CMD"), "a CMD would be appended to the entrypoint's arguments"
+
+
+def test_image_build_fails_on_a_tensorrt_version_mismatch():
+    # The check runs after the wheel is installed and the code copied, as root, before the image is usable.
+    lines = _lines()
+    check = next(i for i, line in enumerate(lines) if line == "RUN python3 -m deploy.engines check-versions")
+    pip = next(i for i, line in enumerate(lines) if "tensorrt-cu12==${TENSORRT_VERSION}" in line)
+    code = next(i for i, line in enumerate(lines) if line.startswith("COPY") and "deploy/engines.py" in line)
+    assert pip < check and code < check
+    assert "deploy/gpu_pod.py" in lines[code], "the entrypoint imports deploy.gpu_pod"

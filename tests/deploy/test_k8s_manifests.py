@@ -6,6 +6,7 @@ real tritonserver exports."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -172,6 +173,78 @@ def test_gpu_overlay_requests_a_gpu_node_and_caches_engines_there(rendered):
     assert mount["mountPath"] == str(parse_args(_container(rendered["gpu"])["args"])[0].engine_cache)
     cpu = _one(rendered["cpu"], "Deployment")["spec"]["template"]["spec"]
     assert "nvidia.com/gpu" not in json.dumps(cpu)
+
+
+def _pod_user(docs) -> tuple[int, int]:
+    ctx = _one(docs, "Deployment")["spec"]["template"]["spec"]["securityContext"]
+    return ctx["runAsUser"], ctx["runAsGroup"]
+
+
+@pytest.mark.unit
+def test_gpu_engine_cache_is_made_the_servers_before_it_starts(rendered):
+    """fsGroup does not apply to hostPath; an init container must hand the folder to the server's uid."""
+    pod = _one(rendered["gpu"], "Deployment")["spec"]["template"]["spec"]
+    mount = next(m for m in _container(rendered["gpu"])["volumeMounts"] if m["name"] == "engines")
+    (init,) = pod["initContainers"]
+    (init_mount,) = [m for m in init["volumeMounts"] if m["name"] == "engines"]
+    ctx = init["securityContext"]
+    assert ctx["runAsUser"] == 0 and ctx["runAsNonRoot"] is False and not ctx["allowPrivilegeEscalation"]
+    assert ctx["capabilities"] == {"drop": ["ALL"], "add": ["CHOWN", "FOWNER"]} and ctx["readOnlyRootFilesystem"]
+    assert init["image"] == _container(rendered["gpu"])["image"], "no second image to pull on a GPU node"
+    uid, gid = _pod_user(rendered["gpu"])
+    script = init["command"][-1]
+    assert init["command"][:2] == ["sh", "-c"] and f"chown {uid}:{gid} {init_mount['mountPath']}" in script
+    assert init_mount["mountPath"] == mount["mountPath"]
+    assert "-R" not in script, "the plans inside are the server's already; a recursive chown would walk them"
+
+
+@pytest.mark.unit
+def test_gpu_engine_cache_init_command_really_hands_over_the_folder(rendered, tmp_path):
+    # The manifest's own command, on a root-owned folder like the kubelet's DirectoryOrCreate, twice
+    # (a restart runs it again), then the server's uid writes into it as the entrypoint would.
+    if os.geteuid() != 0:
+        pytest.skip("needs root to create a root-owned folder and chown it")
+    (init,) = _one(rendered["gpu"], "Deployment")["spec"]["template"]["spec"]["initContainers"]
+    (mount,) = [m["mountPath"] for m in init["volumeMounts"] if m["name"] == "engines"]
+    import tempfile
+
+    # Not under tmp_path: pytest's root is 0700, which uid 10001 could not traverse to reach the folder.
+    folder = Path(tempfile.mkdtemp(prefix="engine-cache-", dir="/tmp")) / "hostpath"
+    folder.parent.chmod(0o755)
+    folder.mkdir()
+    os.chown(folder, 0, 0)
+    uid, gid = _pod_user(rendered["gpu"])
+    for _ in range(2):
+        r = subprocess.run(["sh", "-c", init["command"][-1].replace(mount, str(folder))], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        st = folder.stat()
+        assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (uid, gid, 0o750)
+    try:
+        r = subprocess.run(["sh", "-c", f"touch {folder}/plan"], user=uid, group=gid, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+    finally:
+        import shutil
+
+        shutil.rmtree(folder.parent)
+
+
+@pytest.mark.unit
+def test_gpu_pod_sizes_its_cpu_steps_from_its_cpu_request(rendered):
+    from deploy import gpu_pod
+
+    c = _container(rendered["gpu"])
+    (env,) = [e for e in c["env"] if e["name"] == gpu_pod.CPUS_ENV]
+    assert env["valueFrom"]["resourceFieldRef"] == {"containerName": c["name"], "resource": "requests.cpu",
+                                                    "divisor": "1"}
+    cpus = int(c["resources"]["requests"]["cpu"])
+    sizing = gpu_pod.size_for_cpus(cpus)
+    used = 1 + sizing.tokenizer_instances + sizing.lookup_instances + sizing.ranker_instances * sizing.ranker_threads
+    assert cpus - 1 <= used <= cpus + 1, f"{sizing} uses {used} of {cpus} CPUs"
+    assert min(sizing.tokenizer_instances, sizing.lookup_instances, sizing.ranker_instances) > 1, \
+        "a GPU pod must not keep the 2-core CPU target's single instances"
+    assert sizing.plan_instances == 2
+    settings, _ = parse_args(c["args"])
+    assert settings.cpus is None, "the Downward API's value, not a number in the args that could drift"
 
 
 @pytest.mark.unit

@@ -59,9 +59,11 @@ def test_client_reconnects_after_a_server_restart_under_load(ci_repository):
     assert failed, "no call saw the outage: the test proved nothing"
     # Nothing hangs: each call ends within its deadline (plus scheduling slack on 2 shared cores).
     assert max(d for _, d, _ in calls) <= DEADLINE_S + 1.0
-    # Failures are the retryable "server gone" kind, answered fast, never a wrong answer.
-    assert set(failed) <= {"UNAVAILABLE", "NOT_FOUND", "DEADLINE_EXCEEDED"}, set(failed)
-    # Reconnects by itself: the reconnect backoff is capped at 1 s (client.channel).
+    # Failures are the retryable "server gone" kind, answered fast, never a wrong answer. CANCELLED is
+    # one of them: the stopping server's gRPC endpoint shut down with the call in flight (seen once in
+    # CI-sized runs on a loaded machine; RetryPolicy retries it for that reason).
+    assert set(failed) <= {"UNAVAILABLE", "NOT_FOUND", "CANCELLED", "DEADLINE_EXCEEDED"}, set(failed)
+    # Reconnects by itself: the reconnect backoff is capped at 1 s (search_rank_client.channel).
     assert first_ok is not None and first_ok - back_at <= 2.5
     # and once reconnected, every call succeeds
     assert all(r == "OK" for s, _, r in calls if s > first_ok + 0.5)
