@@ -291,23 +291,13 @@ def _assert_stopped_clean(proc: subprocess.Popen, tmp_path: Path) -> None:
 
 
 @pytest.mark.unit
-def test_sigterm_during_engine_build_stops_at_once_and_leaves_no_plan(ci_bundle, tmp_path):
-    proc, pid = _start_slow_build(ci_bundle, tmp_path, as_pid_1=False)
-    try:
-        os.kill(pid, signal.SIGTERM)
-        _assert_stopped_clean(proc, tmp_path)
-    finally:
-        if proc.poll() is None:
-            _kill(proc)
-
-
-@pytest.mark.unit
-def test_sigterm_reaches_the_entrypoint_as_pid_1(ci_bundle, tmp_path):
-    # The kernel drops a signal sent into a PID namespace to its init when init has no handler for it:
-    # the container's case (the kubelet sends from outside). Needs root for the namespace.
-    if os.geteuid() != 0 or not shutil.which("unshare"):
+@pytest.mark.parametrize("as_pid_1", [False, True], ids=["child", "pid-1"])
+def test_sigterm_during_engine_build_stops_at_once_and_leaves_no_plan(ci_bundle, tmp_path, as_pid_1):
+    # As PID 1: the kernel drops a signal sent into a PID namespace to its init when init has no
+    # handler for it, the container's case (the kubelet sends from outside). Needs root for the namespace.
+    if as_pid_1 and (os.geteuid() != 0 or not shutil.which("unshare")):
         pytest.skip("needs root and unshare(1) for a PID namespace")
-    proc, pid = _start_slow_build(ci_bundle, tmp_path, as_pid_1=True)
+    proc, pid = _start_slow_build(ci_bundle, tmp_path, as_pid_1=as_pid_1)
     try:
         os.kill(pid, signal.SIGTERM)
         _assert_stopped_clean(proc, tmp_path)
