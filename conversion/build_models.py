@@ -97,8 +97,9 @@ def fp32_artifacts(profile: str, model: str = ""):
 
 
 def encoder_report(profile: str, markdown: Path | None = None, model: str = "", rounds: int = 3,
-                   force: bool = False, eval_texts: Path | None = None) -> dict:
-    """Measure FP32 vs compressed encoders (cached beside the build unless `force`).
+                   force: bool = False, eval_texts: Path | None = None, unpruned: bool = False) -> dict:
+    """Measure FP32 vs compressed encoders (cached beside the build unless `force`); `unpruned` adds
+    the unpruned export quantized dynamic and static (comparison rows, conversion.encoder_report).
 
     eval_texts: a user's file for the fidelity gate (conversion/broad_text.py's format); default
     the bundled broad set. A cached report measured on other texts is measured again.
@@ -110,13 +111,18 @@ def encoder_report(profile: str, markdown: Path | None = None, model: str = "", 
     compression = settings.artifact.compression
     texts = load_eval_texts(eval_texts)  # first, so a bad file fails before any build work
     fp32, compressed = export_encoder(settings.artifact.encoder), served_encoder(settings.artifact)
-    json_path = build_root() / "reports" / f"encoder-compression-{compressed.name}-{texts.sha256[:10]}.json"
+    json_path = (build_root() / "reports"
+                 / f"encoder-compression-{compressed.name}-{texts.sha256[:10]}{'-unpruned' if unpruned else ''}.json")
     cached = json.loads(json_path.read_text()) if json_path.is_file() and not force else None
     if cached is not None and cached.get("eval", {}).get(BROAD, {}).get("sha256") == texts.sha256:
         report = cached
     else:
-        report = build_report(fp32, compressed, compression.prune.catalog, rounds=rounds, eval_texts=texts)
+        report = build_report(fp32, compressed, compression.prune.catalog, rounds=rounds, eval_texts=texts,
+                              unpruned_dir=build_root() / "reports" / f"unpruned-int8-{compressed.name}" if unpruned
+                              else None)
     command = f"make models PROFILE={profile}" if profile != "default" else "make models"
+    if unpruned:
+        command = f"python -m conversion.encoder_report --profile {profile} --unpruned-int8"
     if eval_texts is not None:
         command += f" (--eval-texts {eval_texts})"
     write_report(report, json_path, markdown, command)

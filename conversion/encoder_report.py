@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from conversion.broad_text import EvalTexts, load_eval_texts
 from conversion.catalog_generator import Catalog, CatalogSettings, build_catalog
-from conversion.compress_encoder import PRUNED_ONNX, QDQ_ONNX
+from conversion.compress_encoder import CALIBRATION_TEXTS, PRUNED_ONNX, QDQ_ONNX, CompressSettings
 from conversion.export_encoder import ENCODER_ONNX, TOKENIZER_JSON
 from conversion.prune_encoder import split_texts
 from model_repository import spec
@@ -52,6 +52,29 @@ GATED = {INT8: "", QDQ: "qdq_"}
 def variants(fp32_dir: Path, compressed_dir: Path) -> dict[str, Path]:
     return {"fp32": fp32_dir / ENCODER_ONNX, "pruned": compressed_dir / PRUNED_ONNX,
             INT8: compressed_dir / ENCODER_ONNX, QDQ: compressed_dir / QDQ_ONNX}
+
+
+UNPRUNED_DYNAMIC = "fp32+dynamic int8, unpruned (comparison)"
+UNPRUNED_STATIC = "fp32+static int8, unpruned (comparison)"
+
+
+def unpruned_int8(fp32_dir: Path, compressed_dir: Path, out_dir: Path) -> dict[str, Path]:
+    """The unpruned FP32 export quantized two ways, for comparison rows (never served by this report):
+    dynamic MatMul per-channel INT8 with reduce-range (portable to AVX2 hosts), and static INT8 with
+    the served encoder's own settings and calibration texts. What a gate that may fall back to
+    unpruned INT8 would choose between."""
+    from conversion.quantize import OrtInt8Settings, encoder_calibration_feeds, quantize_ort_int8
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    served = CompressSettings().ort_int8
+    dynamic = OrtInt8Settings(mode="dynamic", per_channel=True, op_types=("MatMul",), reduce_range=True)
+    texts = json.loads((compressed_dir / CALIBRATION_TEXTS).read_text())
+    feeds = encoder_calibration_feeds(fp32_dir / TOKENIZER_JSON, texts)
+    paths = {UNPRUNED_DYNAMIC: out_dir / "encoder.unpruned-dynamic.onnx",
+             UNPRUNED_STATIC: out_dir / "encoder.unpruned-static.onnx"}
+    quantize_ort_int8(fp32_dir / ENCODER_ONNX, paths[UNPRUNED_DYNAMIC], dynamic)
+    quantize_ort_int8(fp32_dir / ENCODER_ONNX, paths[UNPRUNED_STATIC], served, feeds)
+    return paths
 
 
 def _feeds(tok: BucketTokenizer, texts: Sequence[str], width: int) -> dict[str, np.ndarray]:
@@ -138,9 +161,12 @@ def targets(rows: dict[str, dict]) -> dict[str, dict]:
 
 
 def build_report(fp32_dir: Path, compressed_dir: Path, catalog: CatalogSettings, rounds: int = 3,
-                 eval_texts: EvalTexts | None = None) -> dict:
-    """eval_texts: the broad set the gate judges (default: the bundled one, conversion/broad_text.py)."""
+                 eval_texts: EvalTexts | None = None, unpruned_dir: Path | None = None) -> dict:
+    """eval_texts: the broad set the gate judges (default: the bundled one, conversion/broad_text.py).
+    unpruned_dir: also quantize the unpruned export there and report it (rows not judged by the targets)."""
     paths = variants(fp32_dir, compressed_dir)
+    if unpruned_dir is not None:
+        paths.update(unpruned_int8(fp32_dir, compressed_dir, unpruned_dir))
     missing = [str(p) for p in paths.values() if not p.is_file()]
     if missing:
         raise FileNotFoundError(f"encoder files missing: {', '.join(missing)}")
@@ -155,7 +181,7 @@ def build_report(fp32_dir: Path, compressed_dir: Path, catalog: CatalogSettings,
     speed = measure_speed(paths, tok, queries, titles, rounds=rounds)
     fid = measure_fidelity(paths, tok, {BROAD: (broad.queries, broad.titles), CATALOG: (queries, titles)})
     for name, path in paths.items():
-        which = "teacher" if name == "fp32" else "pruned"
+        which = "teacher" if name in ("fp32", UNPRUNED_DYNAMIC, UNPRUNED_STATIC) else "pruned"
         # The top-level fidelity keys are the gated (broad) set's, so readers of one number
         # (encoder_frontier, dashboards) see what the gate sees.
         rows[name] = {"parameters": params[which], "gflops_seq16": flops["16"][which] / 1e9,
@@ -260,13 +286,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--eval-texts", type=Path,
                    help="UTF-8 file the fidelity gate judges instead of the bundled broad set: one text per "
                         "line, each starting 'query<TAB>' or 'title<TAB>' (at least one query and 20 titles)")
+    p.add_argument("--unpruned-int8", action="store_true",
+                   help="also quantize the unpruned FP32 export (dynamic and static INT8) and report it beside")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from conversion.build_models import encoder_report
 
     try:
         report = encoder_report(args.profile, args.markdown, rounds=args.rounds, force=True,
-                                eval_texts=args.eval_texts)
+                                eval_texts=args.eval_texts, unpruned=args.unpruned_int8)
     except (FileNotFoundError, ValueError, KeyError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

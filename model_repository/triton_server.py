@@ -240,10 +240,41 @@ def running_stubs(server_pid: int) -> set[int]:
     return {pid for pid, state in backend_stubs(server_pid).items() if state != "Z"}
 
 
+# Runs beside every server: when the process that started the server dies (SIGKILL included, which
+# no handler sees), it SIGKILLs the server's whole process group, tritonserver and its stubs, so the
+# ports are free again at once. It leaves by itself once the group is gone (a normal stop).
+# A separate process, not PR_SET_PDEATHSIG on tritonserver: that would spare the stubs, which
+# tritonserver spawns and which outlive it (test_serve_command_killed_frees_its_ports).
+_WATCHDOG = """
+import os, signal, sys, time
+parent, group = int(sys.argv[1]), int(sys.argv[2])
+while True:
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        sys.exit(0)
+    if os.getppid() != parent:
+        try:
+            os.killpg(group, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        sys.exit(0)
+    time.sleep(0.2)
+"""
+
+
+def start_watchdog(server_pid: int) -> subprocess.Popen:
+    """Tie the server's process group (led by `server_pid`) to this process's life."""
+    # Its own session: a Ctrl-C meant for the serve command must not reach it first.
+    return subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(os.getpid()), str(server_pid)],
+                            stdin=subprocess.DEVNULL, start_new_session=True)
+
+
 class TritonServer:
     def __init__(self, settings: TritonSettings):
         self.settings = settings
         self.process: subprocess.Popen | None = None
+        self._watchdog: subprocess.Popen | None = None
         self._log_path = settings.log_file
         self._log_handle = None
 
@@ -278,6 +309,7 @@ class TritonServer:
         self.process = subprocess.Popen(cmd, stdout=self._log_handle, stderr=subprocess.STDOUT, env=server_env(),
                                         stdin=subprocess.DEVNULL, start_new_session=True,
                                         preexec_fn=None if cpus is None else lambda: os.sched_setaffinity(0, cpus))
+        self._watchdog = start_watchdog(self.process.pid)
 
     @property
     def http_url(self) -> str:
@@ -374,6 +406,7 @@ class TritonServer:
                 self.process.kill()
                 self.process.wait()
         self._kill_group()
+        self._reap_watchdog()
         if self._log_handle is not None:
             self._log_handle.close()
         log.info("tritonserver stopped (exit code %s)", self.process.returncode)
@@ -384,6 +417,7 @@ class TritonServer:
         if self.process is not None:
             self._kill_group()
             self.process.wait()
+            self._reap_watchdog()
 
     def _kill_group(self) -> None:
         # After a clean exit the group is empty; after a crash or a timeout it holds orphaned stubs.
@@ -391,6 +425,16 @@ class TritonServer:
             os.killpg(self.process.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
+
+    def _reap_watchdog(self) -> None:
+        # Once the server is reaped and its group empty, the watchdog sees it within 0.2 s and exits.
+        if self._watchdog is not None:
+            try:
+                self._watchdog.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self._watchdog.kill()
+                self._watchdog.wait()
+            self._watchdog = None
 
 
 def serve_until_interrupted(servers: Sequence[TritonServer], stopping: str) -> int:

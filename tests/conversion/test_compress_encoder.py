@@ -139,3 +139,19 @@ def test_fp32_encoder_choice_serves_the_plain_export():
     with pytest.raises(ValueError, match="encoder must be one of"):
         profile_settings("ci", encoder="int4")
     assert stage_dir(export_stage.STAGE, settings.artifact.encoder).name.startswith("01-encoder-fp32")
+
+
+def test_unpruned_int8_comparison_files_are_quantized_and_close_to_fp32(ci_models, compressed, tmp_path):
+    from conversion.encoder_report import UNPRUNED_DYNAMIC, UNPRUNED_STATIC, unpruned_int8
+
+    paths = unpruned_int8(ci_models["encoder_fp32"], compressed, tmp_path)
+    assert "MatMulInteger" in ops(paths[UNPRUNED_DYNAMIC])  # dynamic: integer GEMMs, per-call ranges
+    assert "QuantizeLinear" in ops(paths[UNPRUNED_STATIC]) and "DequantizeLinear" in ops(paths[UNPRUNED_STATIC])
+    texts = list(load_broad_texts().titles[:40])
+    tok = BucketTokenizer(ci_models["encoder_fp32"] / TOKENIZER_JSON)
+    ref = encode_texts(tok, ort_session(ci_models["encoder_fp32"] / ENCODER_ONNX), texts)
+    for name, path in paths.items():
+        cos = (encode_texts(tok, ort_session(path), texts) * ref).sum(1)
+        # both measured at >= 0.978 per row on the whole broad set (docs/encoder_compression.md):
+        # an unpruned INT8 graph far below that is a broken quantization, not rounding
+        assert cos.min() > 0.95, (name, float(cos.min()))

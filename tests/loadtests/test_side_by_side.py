@@ -32,9 +32,19 @@ def test_cli_refuses_bad_settings(capsys):
     assert e.value.code == 2 and "--candidates must be in 1..1000" in capsys.readouterr().err
 
 
+# Triton FP32 runs the same FP32 models as the naive service through ONNX instead of PyTorch: only
+# float reassociation separates them (measured 1.0), so anything under 0.9 is a wiring fault. The
+# compressed service measured 0.87 here (ci profile: pruned INT8 encoder distilled for 80 steps, the
+# ranker that passed the top-10 gate; 2026-12-02). A request's overlap varies by about 0.15, so the
+# mean of 20 has a standard error near 0.035: 0.75 is 3.5 of them below the measurement and catches
+# a compression that really moves the ranking (the ranker before its top-10 gate read 0.77 on the
+# default profile). The 0.9 release target is `make bench`'s PASS line, not this floor.
+COMPRESSED_AGREEMENT_FLOOR = 0.75
+
+
 @pytest.mark.server
 def test_ci_sized_run_writes_report_and_plot(ci_models, tmp_path):
-    s = sbs.BenchSettings(profile="ci", candidates=(100,), concurrency=(1, 2), seconds=1.5, agreement_queries=4)
+    s = sbs.BenchSettings(profile="ci", candidates=(100,), concurrency=(1, 2), seconds=1.5, agreement_queries=20)
     md, png = tmp_path / "BENCHMARKS.md", tmp_path / "benchmarks.png"
     results, verdicts, _ = sbs.run(s, md, png, "pytest")
     assert set(results) == set(sbs.SERVICES)
@@ -44,9 +54,11 @@ def test_ci_sized_run_writes_report_and_plot(ci_models, tmp_path):
         # runner refuses a couple: 5%, not the benchmark's 1% budget.
         assert [lv.concurrency for lv in r.levels[100]] == [1, 2]
         assert all(lv.errors <= 0.05 * lv.calls and lv.rps > 0 for lv in r.levels[100])
-        assert len(r.top10) == 4 and r.cpu_ms_per_request[100] > 0
+        assert len(r.top10) == 20 and r.cpu_ms_per_request[100] > 0
     agree = sbs.agreement(results)
-    assert agree[sbs.REFERENCE] == 1.0 and agree[sbs.TRITON_FP32] >= 0.7
+    print(f"\ntop-10 agreement with the naive FP32 pipeline over 20 requests of 100 candidates: {agree}")
+    assert agree[sbs.REFERENCE] == 1.0 and agree[sbs.TRITON_FP32] >= 0.9
+    assert agree[sbs.TRITON_COMPRESSED] >= COMPRESSED_AGREEMENT_FLOOR
     text = md.read_text()
     for name in sbs.SERVICES:
         assert f"| {name} |" in text

@@ -1,6 +1,7 @@
 """`make serve`'s entry point: ready only when search_rank answers, Ctrl-C stops it cleanly."""
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -50,3 +51,90 @@ def test_serve_fails_fast_on_missing_repository(tmp_path):
                              str(tmp_path / "nope")], cwd=REPO_ROOT, capture_output=True, text=True, timeout=180)
     assert result.returncode != 0
     assert "not a rendered model repository" in result.stderr
+
+
+def _bindable(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def _server_pids(grpc_port: int) -> list[int]:
+    """tritonserver processes serving this port, found through /proc, not through our own code."""
+    from pathlib import Path
+
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and f"--grpc-port={grpc_port}" in (proc / "cmdline").read_bytes().decode(errors="replace").replace("\0", " "):
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
+
+
+def _children(pid: int) -> list[int]:
+    from pathlib import Path
+
+    kids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                kids.append(int(proc.name))
+        except (OSError, ValueError, IndexError):
+            continue
+    return kids
+
+
+def _alive(pid: int) -> bool:
+    from pathlib import Path
+
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_serve_command_killed_frees_its_ports(ci_repository, tmp_path):
+    """SIGKILL on the serve command (no handler runs) still ends tritonserver and its stubs."""
+    ports = free_ports()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "model_repository.triton_server", "--repository", str(ci_repository),
+         "--grpc-port", str(ports.grpc), "--http-port", str(ports.http), "--metrics-port", str(ports.metrics),
+         "--log-file", str(tmp_path / "triton.log")],
+        cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        line = ""
+        while "ready" not in line:
+            assert proc.poll() is None, f"server CLI exited early: {proc.stderr.read()}"
+            assert time.monotonic() < deadline, "no ready line"
+            line = proc.stdout.readline()
+        servers = _server_pids(ports.grpc)
+        assert servers, "no tritonserver found for the port: the test would prove nothing"
+        stubs = [k for s in servers for k in _children(s)]
+        assert stubs, "no python-backend stub found under tritonserver"
+        assert not _bindable(ports.grpc)
+        proc.kill()
+        proc.wait()
+        killed_at = time.monotonic()
+        while time.monotonic() - killed_at < 10 and (_server_pids(ports.grpc) or not _bindable(ports.grpc)):
+            time.sleep(0.1)
+        freed_s = time.monotonic() - killed_at
+        print(f"\nserve command SIGKILLed: server and ports gone after {freed_s:.2f} s")
+        assert not _server_pids(ports.grpc), "tritonserver outlived its serve command"
+        time.sleep(1)  # orphaned stubs, if any, are reparented and would still run
+        assert not [k for k in stubs if _alive(k)], "python-backend stubs outlived their server"
+        assert all(_bindable(p) for p in (ports.grpc, ports.http, ports.metrics)), "ports still held"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for pid in _server_pids(ports.grpc):
+            os.kill(pid, signal.SIGKILL)
