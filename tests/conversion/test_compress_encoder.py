@@ -22,9 +22,13 @@ from model_repository.runtime import BucketTokenizer, encode_texts, ort_session
 pytestmark = pytest.mark.unit
 
 # The CI profile distils for only 80 steps, so its floors are lower than the release targets
-# (mean cosine 0.98, top-10 overlap 0.9), which `make models` measures on the default profile.
-CI_MIN_MEAN_COSINE = 0.9
-CI_MIN_TOP10 = 0.5
+# (mean cosine 0.98, top-10 overlap 0.9, judged on the broad set), which the encoder report
+# measures. Floors per evaluation set: the ci build measured (2026-12-02; the same in three runs)
+# catalog held-out INT8 0.970 / 0.895, Q/DQ 0.965 / 0.895; broad INT8 0.848 / 0.629, Q/DQ 0.842 /
+# 0.621. Each floor sits about 0.02 of cosine and 0.04 of top-10 below the lower of the two, room
+# for distillation landing slightly differently on another CPU, and far above what a broken
+# quantization or export reads (the catalog floor used to be 0.9 / 0.5).
+CI_FLOORS = {"catalog": (0.945, 0.85), "broad": (0.82, 0.58)}
 
 
 @pytest.fixture(scope="module")
@@ -72,17 +76,23 @@ def test_calibration_never_uses_heldout_text(compressed, heldout):
     assert not texts & (set(heldout["heldout_titles"]) | set(heldout["heldout_queries"]))
 
 
+@pytest.mark.parametrize("texts", sorted(CI_FLOORS))
 @pytest.mark.parametrize("variant", [ENCODER_ONNX, ce.QDQ_ONNX])
-def test_quantized_encoders_meet_the_ci_fidelity_floor(ci_models, compressed, heldout, variant):
+def test_quantized_encoders_meet_the_ci_fidelity_floor(ci_models, compressed, heldout, variant, texts):
     tok = BucketTokenizer(compressed / TOKENIZER_JSON)
-    queries, titles = heldout["heldout_queries"], heldout["heldout_titles"]
+    if texts == "broad":
+        broad = load_broad_texts()
+        queries, titles = list(broad.queries), list(broad.titles)
+    else:
+        queries, titles = heldout["heldout_queries"], heldout["heldout_titles"]
+    min_cosine, min_top10 = CI_FLOORS[texts]
     teacher = ort_session(ci_models["encoder_fp32"] / ENCODER_ONNX, threads=2)
     student = ort_session(compressed / variant, threads=2)
     tq, tt = encode_texts(tok, teacher, queries), encode_texts(tok, teacher, titles)
     sq, st = encode_texts(tok, student, queries), encode_texts(tok, student, titles)
     cosine = np.concatenate([(tq * sq).sum(1), (tt * st).sum(1)])
-    assert cosine.mean() >= CI_MIN_MEAN_COSINE, cosine.mean()
-    assert top_k_overlap(tq, tt, sq, st) >= CI_MIN_TOP10
+    assert cosine.mean() >= min_cosine, cosine.mean()
+    assert top_k_overlap(tq, tt, sq, st) >= min_top10
 
 
 def test_top_k_overlap_counts_shared_neighbours():
