@@ -86,14 +86,12 @@ def fp32_artifacts(profile: str, model: str = ""):
     """The uncompressed counterpart of the served bundle, for side-by-side comparisons: queries
     through the FP32 encoder export and the ranker stage's FP32 export, over the same catalog
     artifact (item embeddings are computed offline once; only the per-request models differ)."""
-    served, _ = built_artifacts(profile, model, "int8")
+    served, _ = built_artifacts(profile, model, "int8", ranker="fp32")
     encoder = stage_dir(export_stage.STAGE, profile_settings(profile, model).artifact.encoder)
-    ranker = served.ranker_dir / train_ranker.RANKER_FP32_ONNX
-    for path, built in ((encoder, is_complete(encoder)), (ranker, ranker.is_file())):
+    for path, built in ((encoder, is_complete(encoder)), (served.ranker_file, served.ranker_file.is_file())):
         if not built:
             raise FileNotFoundError(f"FP32 model for profile {profile!r} is not built: {path} (run `make models`)")
-    artifacts = dataclasses.replace(served, encoder_dir=encoder, ranker_source=train_ranker.RANKER_FP32_ONNX)
-    return artifacts, read_embedding_dim(encoder)
+    return dataclasses.replace(served, encoder_dir=encoder), read_embedding_dim(encoder)
 
 
 def encoder_report(profile: str, markdown: Path | None = None, model: str = "", rounds: int = 3,

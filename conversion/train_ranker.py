@@ -652,7 +652,7 @@ def compress(model: SearchRanker, position_logit: nn.Embedding, data: ClickData,
     if chosen is None:  # no compressed format is faithful enough: serve the FP32 ranker
         log.warning("no compressed ranker passed the gates; serving the FP32 ranker")
         shutil.copyfile(fp32_onnx, folder / RANKER_ONNX)
-        chosen = {"name": "fp32", "path": folder / RANKER_ONNX, "tables": "fp32", "export": None,
+        chosen = {"name": "fp32", "path": RANKER_ONNX, "tables": "fp32", "export": None,
                   **{k: (fp32_metrics or {}).get(k) for k in ("logloss", "auc", "ground_truth_auc")},
                   "latency_ms": fp32_latency, "bytes": fp32_onnx.stat().st_size, "gate_passed": True,
                   "top10_overlap": {str(n): 1.0 for n in c.ranking_set_sizes}}
@@ -667,8 +667,6 @@ def compress(model: SearchRanker, position_logit: nn.Embedding, data: ClickData,
     for a in attempts:
         for x in a["candidates"]:
             x["path"] = RANKER_ONNX if x is chosen else str(x["path"].relative_to(folder))
-    if chosen["name"] == "fp32":
-        chosen["path"] = RANKER_ONNX
     log.info("serving %s at prune fraction %.2f: test auc %.4f (fp32 %.4f), %.3f ms at 1000 candidates",
              chosen["name"], served_fraction, chosen["auc"], fp32_auc, chosen["latency_ms"]["1000"])
     return {"chosen": chosen["name"], "prune_fraction": served_fraction,

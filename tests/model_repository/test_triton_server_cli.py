@@ -11,26 +11,34 @@ import pytest
 
 from search_rank_client import SearchClient
 from conversion.stages import REPO_ROOT
-from model_repository.triton_server import free_ports
+from model_repository.triton_server import free_ports, process_table
 
 pytestmark = pytest.mark.server
 
 
-def test_serve_reports_ready_then_stops_on_sigint(ci_repository, tmp_path):
-    ports = free_ports()
-    log_file = tmp_path / "triton.log"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "model_repository.triton_server", "--repository", str(ci_repository),
+def _start_serve(repository, ports, log_file) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "model_repository.triton_server", "--repository", str(repository),
          "--grpc-port", str(ports.grpc), "--http-port", str(ports.http), "--metrics-port", str(ports.metrics),
          "--log-file", str(log_file)],
         cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _ready_line(proc: subprocess.Popen, timeout_s: float = 240) -> str:
+    deadline = time.monotonic() + timeout_s
+    line = ""
+    while "ready" not in line:
+        assert proc.poll() is None, f"server CLI exited early: {proc.stderr.read()}"
+        assert time.monotonic() < deadline, "no ready line"
+        line = proc.stdout.readline()
+    return line
+
+
+def test_serve_reports_ready_then_stops_on_sigint(ci_repository, tmp_path):
+    ports = free_ports()
+    proc = _start_serve(ci_repository, ports, tmp_path / "triton.log")
     try:
-        deadline = time.monotonic() + 240
-        line = ""
-        while "ready" not in line:
-            assert proc.poll() is None, f"server CLI exited early: {proc.stderr.read()}"
-            assert time.monotonic() < deadline, "no ready line"
-            line = proc.stdout.readline()
+        line = _ready_line(proc)
         assert f"127.0.0.1:{ports.grpc}" in line
         # "ready" is only printed after a real search_rank request went through.
         with SearchClient(f"127.0.0.1:{ports.grpc}", timeout_s=30) as c:
@@ -79,46 +87,15 @@ def _server_pids(grpc_port: int) -> list[int]:
     return found
 
 
-def _children(pid: int) -> list[int]:
-    from pathlib import Path
-
-    kids = []
-    for proc in Path("/proc").iterdir():
-        try:
-            if proc.name.isdigit() and int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                kids.append(int(proc.name))
-        except (OSError, ValueError, IndexError):
-            continue
-    return kids
-
-
-def _alive(pid: int) -> bool:
-    from pathlib import Path
-
-    try:
-        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def test_serve_command_killed_frees_its_ports(ci_repository, tmp_path):
     """SIGKILL on the serve command (no handler runs) still ends tritonserver and its stubs."""
     ports = free_ports()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "model_repository.triton_server", "--repository", str(ci_repository),
-         "--grpc-port", str(ports.grpc), "--http-port", str(ports.http), "--metrics-port", str(ports.metrics),
-         "--log-file", str(tmp_path / "triton.log")],
-        cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = _start_serve(ci_repository, ports, tmp_path / "triton.log")
     try:
-        deadline = time.monotonic() + 240
-        line = ""
-        while "ready" not in line:
-            assert proc.poll() is None, f"server CLI exited early: {proc.stderr.read()}"
-            assert time.monotonic() < deadline, "no ready line"
-            line = proc.stdout.readline()
+        _ready_line(proc)
         servers = _server_pids(ports.grpc)
         assert servers, "no tritonserver found for the port: the test would prove nothing"
-        stubs = [k for s in servers for k in _children(s)]
+        stubs = [pid for pid, st in process_table().items() if st.ppid in servers]
         assert stubs, "no python-backend stub found under tritonserver"
         assert not _bindable(ports.grpc)
         proc.kill()
@@ -130,7 +107,9 @@ def test_serve_command_killed_frees_its_ports(ci_repository, tmp_path):
         print(f"\nserve command SIGKILLed: server and ports gone after {freed_s:.2f} s")
         assert not _server_pids(ports.grpc), "tritonserver outlived its serve command"
         time.sleep(1)  # orphaned stubs, if any, are reparented and would still run
-        assert not [k for k in stubs if _alive(k)], "python-backend stubs outlived their server"
+        table = process_table()
+        assert not [k for k in stubs if k in table and table[k].state != "Z"], \
+            "python-backend stubs outlived their server"
         assert all(_bindable(p) for p in (ports.grpc, ports.http, ports.metrics)), "ports still held"
     finally:
         if proc.poll() is None:
