@@ -140,15 +140,6 @@ bench-encoding: $(STAMP)
 encoder-frontier: $(STAMP)
 	$(PY) -m conversion.encoder_frontier --points $(POINTS) --markdown docs/encoder_frontier.md
 
-# The bundle side by side with a naive PyTorch service and Triton FP32 (docs/BENCHMARKS.md; other
-# profiles write under build/reports). Exit 1 when a target fails.
-BENCH_MARKDOWN ?= $(if $(filter default,$(PROFILE)),docs/BENCHMARKS.md,build/reports/BENCHMARKS-$(PROFILE).md)
-bench: models
-	$(PY) -m loadtests.side_by_side --profile $(PROFILE) --markdown $(BENCH_MARKDOWN) --json build/reports/side_by_side.json
-
-bench-latency: models
-	$(PY) -m loadtests.latency --repository $(REPOSITORY)
-
 # perf_analyzer comes with tritonclient 2.34's wheel, which pins an old client: its own venv.
 PERF_VENV := .venv-perf
 $(PERF_VENV)/.installed:
@@ -156,6 +147,16 @@ $(PERF_VENV)/.installed:
 	test -x $(PERF_VENV)/bin/python || $(PYTHON) -m venv $(PERF_VENV)
 	$(PERF_VENV)/bin/pip install -q "tritonclient[all]==2.34.0" nvidia-cuda-runtime-cu12
 	touch $@
+
+# The bundle side by side with a naive PyTorch service and Triton FP32 (docs/BENCHMARKS.md; other
+# profiles write under build/reports). Exit 1 when a target fails.
+BENCH_MARKDOWN ?= $(if $(filter default,$(PROFILE)),docs/BENCHMARKS.md,build/reports/BENCHMARKS-$(PROFILE).md)
+bench: models $(PERF_VENV)/.installed
+	$(PY) -m loadtests.side_by_side --profile $(PROFILE) --markdown $(BENCH_MARKDOWN) --json build/reports/side_by_side.json \
+		--perf-analyzer $(PERF_VENV)/bin/perf_analyzer
+
+bench-latency: models
+	$(PY) -m loadtests.latency --repository $(REPOSITORY)
 
 # Serving 1e5..1e7 items (synthetic artifacts, several GB at 10M, deleted afterwards): start-up, memory,
 # lookup latency, FP16 storage's effect; PASS/FAIL at 10M items (docs/catalog_scale.md).

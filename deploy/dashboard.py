@@ -18,7 +18,8 @@ DASHBOARD = Path(__file__).resolve().parent / "k8s" / "base" / "dashboards" / "s
 UID = "searchrank-triton"
 # The public ensembles (what a client request enters) and the steps behind them.
 ENSEMBLES = (spec.SEARCH_RANK, spec.TEXT_EMBED)
-STEPS = (spec.TOKENIZER, spec.QUERY_ENCODER, spec.FEATURE_LOOKUP, spec.CTR_RANKER, spec.TOP_K_SELECT)
+# Both renderings' steps: the CPU one has query_encoder and ranker, the GPU one adds the tokenizer.
+STEPS = (spec.TOKENIZER, spec.QUERY_ENCODER, spec.RANKER)
 # Exported only by a server with GPUs and --allow-gpu-metrics (the CPU server in the tests has none).
 GPU_ONLY_METRICS = ("nv_gpu_utilization", "nv_gpu_memory_used_bytes", "nv_gpu_memory_total_bytes")
 
@@ -58,7 +59,7 @@ def _panel(pid: int, title: str, targets: list[tuple[str, str]], unit: str, x: i
 
 def dashboard() -> dict:
     ens = f'{_SEL}, model=~"{_models(ENSEMBLES)}"'
-    steps_batching = [m for m in STEPS if m in (spec.TOKENIZER, spec.QUERY_ENCODER, spec.CTR_RANKER)]
+    steps_batching = list(STEPS)
     panels = [
         _panel(1, "Requests/s by ensemble", [
             (f"sum by (model) (rate(nv_inference_request_success{{{ens}}}{_RATE}))", "{{model}}")], "reqps", 0, 0),

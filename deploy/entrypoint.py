@@ -100,9 +100,10 @@ def engine_settings(bundle: Bundle, pipeline: spec.PipelineSpec) -> TrtBuildSett
 def prepare_repository(settings: EntrypointSettings, target: BuildTarget | None) -> Path:
     """Render the repository for this node (building the plan first on a GPU node)."""
     bundle = Bundle.load(settings.bundle)
-    pipeline = spec.build_spec(bundle.embedding_dim, ort_threads=settings.ort_threads)
     if target is None:
+        pipeline = spec.build_spec(bundle.embedding_dim, ort_threads=settings.ort_threads)
         return render_repository(pipeline, bundle.artifacts, settings.repository)
+    pipeline = spec.build_spec(bundle.embedding_dim, target=spec.GPU, ort_threads=settings.ort_threads)
     sizing = gpu_sizing(settings)
     pipeline = gpu_pod.apply_to_spec(pipeline, sizing)
     plan = ensure_engine(bundle.gpu_onnx, settings.engine_cache, engine_settings(bundle, pipeline), target)

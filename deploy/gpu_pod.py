@@ -1,8 +1,8 @@
 """Sizing of a GPU pod: the CPU steps from the pod's CPUs, the TensorRT plan's instances and CUDA graphs.
 
-On a GPU node only the query encoder moves to the GPU; the tokenizer, feature lookup, ranker and
-top-k stay python-backend models on the pod's CPUs. The CPU spec (model_repository.spec) is tuned
-for the 2-core CPU target, so a GPU pod that requests more CPUs would leave them idle while its GPU
+On a GPU node only the query encoder's graph moves to the GPU; the tokenizer and the ranker
+(validation, catalog rows, scoring, top K) stay python-backend models on the pod's CPUs. The spec
+(model_repository.spec) is tuned for the 2-core CPU target, so a GPU pod that requests more CPUs would leave them idle while its GPU
 waits on one tokenizer and one ranker. Reasons for each number: docs/deploy.md ("Sizing a GPU pod").
 """
 from __future__ import annotations
@@ -31,7 +31,6 @@ QUERY_BUCKETS = (16, 32)
 class GpuPodSizing:
     cpus: int
     tokenizer_instances: int
-    lookup_instances: int
     ranker_instances: int
     ranker_threads: int = RANKER_THREADS
     # Two execution contexts on one GPU: one instance copies inputs / runs the python steps' handoff
@@ -41,7 +40,7 @@ class GpuPodSizing:
     cuda_graphs: bool = True
 
     def __post_init__(self):
-        for field in ("cpus", "tokenizer_instances", "lookup_instances", "ranker_instances", "ranker_threads",
+        for field in ("cpus", "tokenizer_instances", "ranker_instances", "ranker_threads",
                       "plan_instances"):
             if getattr(self, field) < 1:
                 raise ValueError(f"{field} must be >= 1, got {getattr(self, field)}")
@@ -55,14 +54,14 @@ def size_for_cpus(cpus: int, plan_instances: int = 2, cuda_graphs: bool = True) 
     """Split the pod's CPUs over the CPU steps.
 
     One core stays with tritonserver itself (gRPC/HTTP front ends, the ensemble scheduler, the plan
-    instances' host threads). Of the rest, half goes to the ranker (ONNX Runtime, the heaviest CPU
-    step at 1000 candidates) in instances of RANKER_THREADS threads, a quarter each to the tokenizer
-    and the feature lookup (single-threaded python stubs, so one instance is one core)."""
+    instances' host threads). Of the rest, three quarters go to the ranker (catalog reads and ONNX
+    Runtime, the heaviest CPU step at 1000 candidates) in instances of RANKER_THREADS threads, a
+    quarter to the tokenizer (a single-threaded python stub, so one instance is one core)."""
     if cpus < 1:
         raise ValueError(f"cpus must be >= 1, got {cpus}")
     spare = max(cpus - 1, 1)
-    return GpuPodSizing(cpus=cpus, tokenizer_instances=_share(spare / 4), lookup_instances=_share(spare / 4),
-                        ranker_instances=_share(spare / 2 / RANKER_THREADS), plan_instances=plan_instances,
+    return GpuPodSizing(cpus=cpus, tokenizer_instances=_share(spare / 4),
+                        ranker_instances=_share(spare * 3 / 4 / RANKER_THREADS), plan_instances=plan_instances,
                         cuda_graphs=cuda_graphs)
 
 
@@ -83,14 +82,14 @@ def pod_cpus(environ: dict[str, str] | None = None) -> int:
 
 def apply_to_spec(pipeline: spec.PipelineSpec, sizing: GpuPodSizing) -> spec.PipelineSpec:
     """The CPU steps of `pipeline` with the sizing's instance counts and ranker threads."""
-    counts = {spec.TOKENIZER: sizing.tokenizer_instances, spec.FEATURE_LOOKUP: sizing.lookup_instances,
-              spec.CTR_RANKER: sizing.ranker_instances, spec.QUERY_ENCODER: sizing.plan_instances}
+    counts = {spec.TOKENIZER: sizing.tokenizer_instances, spec.RANKER: sizing.ranker_instances,
+              spec.QUERY_ENCODER: sizing.plan_instances}
 
     def sized(model: spec.Model) -> spec.Model:
         if model.name not in counts:
             return model
         params = dict(model.parameters)
-        if model.name == spec.CTR_RANKER:
+        if model.name == spec.RANKER:
             params["intra_op_num_threads"] = str(sizing.ranker_threads)
         return dataclasses.replace(model, instance_count=counts[model.name], parameters=params)
 

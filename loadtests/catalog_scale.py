@@ -10,9 +10,9 @@ served by a fresh tritonserver. Measured per size, in one run:
   shared page once in total, so it is what the tree holds; RSS counts the mapped catalog once per
   process that touched it; anon is private heap;
 - feature lookup for 1000 candidates: in-process p50/p99 of `CatalogTables.candidate_rows` (the
-  code feature_lookup runs: hash index, gather, back to FP32) on the memory-mapped artifact, the
+  code the ranker model runs: hash index, gather, back to FP32) on the memory-mapped artifact, the
   same for a binary search over the sorted ids (what the O(1) index replaced), and the server's own
-  feature_lookup compute time per request (Triton statistics) over `search_rank` calls with 1000
+  ranker model's compute time per request (Triton statistics) over `search_rank` calls with 1000
   candidates, whose end-to-end p50 is reported too.
 
 Lookups are measured cold (right after the build) and warm (after the artifact was read once, as
@@ -124,7 +124,7 @@ def measure_size(items: int, template: Path, work: Path, settings: ScaleSettings
     requests = candidate_requests(tables, settings.lookups, settings.candidates, seed=items)
     cold = _lookup_ms(tables.candidate_rows, candidate_requests(tables, 100, settings.candidates, seed=items + 1))
     warm_s = warm_page_cache(folder)
-    prefault_s = tables.prefault()  # what feature_lookup does on a background thread when it opens a catalog
+    prefault_s = tables.prefault()  # what the ranker model does on a background thread when it opens a catalog
     hashed = _lookup_ms(tables.candidate_rows, requests)
     binary = _lookup_ms(lambda ids: CatalogTables._rows(tables.item_ids, ids), requests)
     index_only = _lookup_ms(tables.item_rows, requests)
@@ -142,12 +142,12 @@ def measure_size(items: int, template: Path, work: Path, settings: ScaleSettings
         e2e = []
         with SearchClient(server.grpc_url, timeout_s=30) as client:
             client.rank(queries[0], 1, requests[0])  # first call loads ORT kernels: not a lookup cost
-            before = _feature_lookup_stats(client)
+            before = _ranker_stats(client)
             for i in range(settings.served_calls):
                 t = time.perf_counter()
                 client.rank(queries[i % len(queries)], i, requests[i % len(requests)])
                 e2e.append((time.perf_counter() - t) * 1e3)
-            after = _feature_lookup_stats(client)
+            after = _ranker_stats(client)
         memory = tree_memory(server.process.pid)
     finally:
         server.stop()
@@ -175,8 +175,8 @@ def _with_catalog(artifacts, catalog_dir: Path):
     return dataclasses.replace(artifacts, catalog_dir=catalog_dir)
 
 
-def _feature_lookup_stats(client) -> dict:
-    stats = client._grpc.get_inference_statistics(model_name=spec.FEATURE_LOOKUP, as_json=True)
+def _ranker_stats(client) -> dict:
+    stats = client._grpc.get_inference_statistics(model_name=spec.RANKER, as_json=True)
     s = stats["model_stats"][0]["inference_stats"]
     return {"count": int(s["success"].get("count", 0)), "compute_ns": int(s["compute_infer"].get("ns", 0))}
 
@@ -263,7 +263,7 @@ def markdown(results: list[dict], effect: dict | None, checks, command: str) -> 
         "",
         "| items | storage | artifact GiB | build s | start-up s | server private GiB | server PSS GiB | "
         "cold lookup p50 ms | page-cache warm s | prefault s | lookup p50 / p99 ms | index only p50 ms | binary search p50 ms | "
-        "server feature_lookup ms | search_rank p50 ms |",
+        "server ranker ms | search_rank p50 ms |",
         "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
@@ -275,12 +275,11 @@ def markdown(results: list[dict], effect: dict | None, checks, command: str) -> 
     lines += ["", "Lookup: 1000 candidates (2% unknown ids), `CatalogTables.candidate_rows` on the memory-mapped "
               "artifact. \"cold\": right after the build, when this machine has already paged part of the "
               "artifact out (its DAMON reclaim pages out memory idle for 60 s); then the artifact is read once "
-              "(\"page-cache warm\") and mapped into the process (\"prefault\": what feature_lookup does on a "
+              "(\"page-cache warm\") and mapped into the process (\"prefault\": what the ranker model does on a "
               "background thread when it opens a catalog), and everything after runs warm. \"index only\" is the id -> row step alone, \"binary search\" the same step "
-              "by `searchsorted` over the sorted ids. \"server feature_lookup\" is Triton's compute time per "
-              "feature_lookup request over the search_rank calls: the lookup plus repeating the query embedding per "
-              "candidate and handing ~3 MB of output tensors to Triton through the python backend's shared memory "
-              "(reported, not judged: the target is the lookup). Build time includes "
+              "by `searchsorted` over the sorted ids. \"server ranker\" is Triton's compute time per "
+              "ranker request over the search_rank calls: the lookup plus scoring the 1000 rows and keeping the "
+              "top K (reported, not judged: the target is the lookup). Build time includes "
               "writing the files back to disk. Server private memory is the anonymous memory of tritonserver "
               "and its stubs; PSS adds the catalog pages they have mapped, which are page cache (shared, "
               "reclaimable; the kernel maps up to 16 neighbouring cached pages on each fault, so PSS overstates "

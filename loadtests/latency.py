@@ -45,8 +45,10 @@ def measure(client: SearchClient, item_ids: np.ndarray, candidates: int, calls: 
             "mean_ms": float(ms.mean())}
 
 
-def perf_analyzer(binary: Path, url: str, item_ids: np.ndarray, candidates: int) -> str:
-    """Triton's own load tool on the same server and request shape, one request in flight."""
+def perf_analyzer(binary: Path, url: str, item_ids: np.ndarray, candidates: int, concurrency: int = 1,
+                  csv_file: Path | None = None) -> str:
+    """Triton's own load tool on a server speaking the KServe v2 gRPC protocol (Triton, or the naive
+    service), `concurrency` requests in flight; `csv_file` gets its summary (read_perf_csv)."""
     rng = np.random.default_rng(0)
     data = {"data": [{spec.QUERY.name: [q], spec.USER_ID.name: [i + 1],
                       spec.CANDIDATE_IDS.name: {"content": rng.choice(item_ids, candidates, replace=False).tolist(),
@@ -59,14 +61,26 @@ def perf_analyzer(binary: Path, url: str, item_ids: np.ndarray, candidates: int)
     if cudart is not None:
         env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(cudart), env.get("LD_LIBRARY_PATH")]))
     cmd = [str(binary), "-m", spec.SEARCH_RANK, "-i", "grpc", "-u", url, "--input-data", f.name,
-           "--concurrency-range", "1", "--measurement-mode", "count_windows", "--measurement-request-count", "200",
+           "--concurrency-range", str(concurrency), "--measurement-mode", "count_windows", "--measurement-request-count", "200",
            # Loose stability: on a shared 2-core box windows rarely agree within perf_analyzer's default 10%.
            "-s", "50", "--max-trials", "20", "--percentile", "99"]
+    if csv_file is not None:
+        cmd += ["-f", str(csv_file)]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     os.unlink(f.name)
     if out.returncode != 0:
         raise RuntimeError(f"perf_analyzer failed ({out.returncode}): {out.stderr.strip() or out.stdout[-2000:]}")
     return out.stdout
+
+
+def read_perf_csv(path: Path) -> dict[str, float]:
+    """Throughput (infer/s) and p50/p99 latency (ms) from perf_analyzer's `-f` file (last row)."""
+    import csv
+
+    with open(path, newline="") as f:
+        row = list(csv.DictReader(f))[-1]
+    return {"infer_per_s": float(row["Inferences/Second"]), "p50_ms": float(row["p50 latency"]) / 1000,
+            "p99_ms": float(row["p99 latency"]) / 1000}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,7 +1,7 @@
 """Locust users that call the `search_rank` and `text_embed` ensembles over gRPC.
 
     locust -f loadtests/locustfile.py --headless -H 127.0.0.1:8001 -u 8 -r 8 -t 60s \
-        --catalog build/model_repository/feature_lookup/1/catalog ClosedLoopUser
+        --catalog build/model_repository/ranker/1/catalog ClosedLoopUser
 
 `python -m loadtests.run` (`make loadtest`) wraps this with a local server, metrics scraping,
 the plot and the targets table. Two user classes:
@@ -76,7 +76,7 @@ STATE = _State()
 @events.init_command_line_parser.add_listener
 def _add_arguments(parser) -> None:
     g = parser.add_argument_group("search-rank load test")
-    g.add_argument("--catalog", default="build/model_repository/feature_lookup/1/catalog",
+    g.add_argument("--catalog", default="build/model_repository/ranker/1/catalog",
                    help="catalog artifact folder the request mix is generated from")
     g.add_argument("--seed", type=int, default=2024, help="traffic seed (workers add their index)")
     g.add_argument("--targets", default=str(targets_mod.DEFAULT_TARGETS), help="targets file")

@@ -46,7 +46,7 @@ from model_repository import spec
 # stub; these functions never touch it, so an empty stand-in is enough (as in the backend tests).
 sys.modules.setdefault("triton_python_backend_utils", types.ModuleType("triton_python_backend_utils"))
 from model_repository.backends.common import BadRequest  # noqa: E402
-from model_repository.backends.feature_lookup import validate_ids  # noqa: E402
+from model_repository.backends.candidates import validate_ids  # noqa: E402
 from model_repository.backends.tokenizer import decode_text  # noqa: E402
 from model_repository.backends.top_k import select_top_k  # noqa: E402
 
@@ -233,6 +233,28 @@ class NaiveServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     def ModelReady(self, request, context):
         return service_pb2.ModelReadyResponse(ready=request.name in self.ensembles
                                               and request.version in ("", "1"))
+
+    def _ensemble(self, name: str, version: str, context) -> spec.Ensemble:
+        ensemble = self.ensembles.get(name)
+        if ensemble is None or version not in ("", "1"):
+            context.abort(grpc.StatusCode.NOT_FOUND, f"Request for unknown model: '{name}' is not found")
+        return ensemble
+
+    # Metadata and config as Triton answers them for its ensembles: what perf_analyzer reads before
+    # it sends a request, so Triton's own load tool can measure this service too (`make bench`).
+    def ModelMetadata(self, request, context):
+        ensemble = self._ensemble(request.name, request.version, context)
+        resp = service_pb2.ModelMetadataResponse(name=ensemble.name, versions=["1"], platform="ensemble")
+        for kind, tensors in (("inputs", ensemble.inputs), ("outputs", ensemble.outputs)):
+            for t in tensors:
+                getattr(resp, kind).add(name=t.name, datatype=t.dtype, shape=list(t.dims))
+        return resp
+
+    def ModelConfig(self, request, context):
+        from model_repository.render import ensemble_config
+
+        ensemble = self._ensemble(request.name, request.version, context)
+        return service_pb2.ModelConfigResponse(config=ensemble_config(ensemble))
 
 
 def serve(model: NaiveSearchRank, host: str, port: int, workers: int = DEFAULT_WORKERS) -> tuple[grpc.Server, int]:

@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 PERCENTILES = (("50%", "-", "p50"), ("95%", "--", "p95"), ("99%", ":", "p99"))
 # Bars top to bottom in pipeline order; the ensembles (whose "compute" is the whole pipeline and
 # whose queue is always 0) go last, drawn faint, as the end-to-end reference.
-PIPELINE_ORDER = (spec.TOKENIZER, spec.QUERY_ENCODER, spec.FEATURE_LOOKUP, spec.CTR_RANKER, spec.TOP_K_SELECT)
+PIPELINE_ORDER = (spec.TOKENIZER, spec.QUERY_ENCODER, spec.RANKER)
 ENSEMBLES = (spec.SEARCH_RANK, spec.TEXT_EMBED)
 
 

@@ -188,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "host:port,host:port, or dns:///name:port (default: start a local one)")
     p.add_argument("--repository", type=Path, default=build_root() / "model_repository",
                    help="rendered model repository: served when no --target, and its catalog feeds the traffic")
-    p.add_argument("--catalog", type=Path, help="catalog artifact folder (default: <repository>/feature_lookup/1/catalog)")
+    p.add_argument("--catalog", type=Path, help="catalog artifact folder (default: <repository>/ranker/1/catalog)")
     p.add_argument("--metrics-url", help="Triton metrics endpoint ('none' to skip; default: the local server's, "
                                          f"or port {TRITON_METRICS_PORT} of --target's host)")
     p.add_argument("--targets", type=Path, default=targets.DEFAULT_TARGETS, help="targets file")

@@ -57,8 +57,13 @@ class BenchSettings:
     # targets (issue: benchmarks side by side)
     min_speedup_vs_naive: float = 5.0
     min_speedup_vs_fp32: float = 2.0
-    max_p99_c1_ms: float = 15.0  # concurrency 1, 100 candidates, compressed
+    max_p99_c1_ms: float = 10.0  # concurrency 1, 100 candidates, compressed
     min_agreement: float = 0.9
+    # Triton's perf_analyzer (its own venv, `make bench` installs it) run against the naive service and
+    # the bundle in the same run, as a cross-check of the closed-loop figures; None skips it.
+    perf_analyzer: Path | None = None
+    perf_candidates: int = 100
+    perf_concurrency: int = 4
 
 
 @dataclass
@@ -78,6 +83,11 @@ class ServiceResult:
     levels: dict[int, list[Level]] = field(default_factory=dict)  # candidates -> levels
     cpu_ms_per_request: dict[int, float] = field(default_factory=dict)
     top10: list[list[int]] = field(default_factory=list)  # per agreement query
+    # Triton only: candidates -> model -> per-request queue / compute ms and average batch over the sweep
+    steps: dict[int, dict[str, dict[str, float]]] = field(default_factory=dict)
+    # Triton only: candidates -> concurrency -> model -> average batch at that level
+    batch: dict[int, dict[int, dict[str, float]]] = field(default_factory=dict)
+    perf: dict[str, float] = field(default_factory=dict)  # perf_analyzer: infer_per_s, p50_ms, p99_ms
 
     def best_rps(self, candidates: int, budget_ms: float, max_error_rate: float = 0.01) -> float:
         """Highest throughput among levels whose p99 is within the budget and whose refusals (Triton's
@@ -128,6 +138,37 @@ def serve(name: str, profile: str, repositories: dict[str, Path], cpus) -> Itera
             yield server.grpc_url, server.process.pid
 
 
+def triton_stats(url: str) -> dict[str, dict[str, int]]:
+    """Cumulative per-model counters from Triton's statistics extension (all models)."""
+    import tritonclient.grpc as grpcclient
+
+    with grpcclient.InferenceServerClient(url) as client:
+        stats = client.get_inference_statistics(as_json=True)["model_stats"]
+    ns = lambda d, k: int(d.get(k, {}).get("ns", 0))  # noqa: E731
+    out = {}
+    for m in stats:
+        i = m.get("inference_stats", {})
+        out[m["name"]] = {"requests": int(i.get("success", {}).get("count", 0)), "queue_ns": ns(i, "queue"),
+                          "compute_ns": ns(i, "compute_input") + ns(i, "compute_infer") + ns(i, "compute_output"),
+                          "executions": int(m.get("execution_count", 0)), "rows": int(m.get("inference_count", 0))}
+    return out
+
+
+def step_costs(before: dict, after: dict) -> dict[str, dict[str, float]]:
+    """Per composing model over an interval: queue and compute ms per request it served, and the
+    average batch (requests per execution). Ensembles have no queue or compute of their own."""
+    out = {}
+    for name, a in after.items():
+        b = before.get(name, dict.fromkeys(a, 0))
+        requests, executions = a["requests"] - b["requests"], a["executions"] - b["executions"]
+        if requests <= 0 or name in (spec.SEARCH_RANK, spec.TEXT_EMBED):
+            continue
+        out[name] = {"requests": requests, "queue_ms": (a["queue_ns"] - b["queue_ns"]) / requests / 1e6,
+                     "compute_ms": (a["compute_ns"] - b["compute_ns"]) / requests / 1e6,
+                     "avg_batch": (a["rows"] - b["rows"]) / max(executions, 1)}
+    return out
+
+
 def agreement_requests(catalog_dir: Path, n: int, seed: int) -> list[traffic.RankRequest]:
     mix = traffic.TrafficSettings(embed_share=0.0, size_mix=((100, 100, 1.0),), top_k_choices=(10,),
                                   top_k_weights=(1.0,))
@@ -135,7 +176,8 @@ def agreement_requests(catalog_dir: Path, n: int, seed: int) -> list[traffic.Ran
 
 
 def measure_service(name: str, url: str, pid: int, requests: dict[int, list[bytes]],
-                    agreement: list[traffic.RankRequest], s: BenchSettings) -> ServiceResult:
+                    agreement: list[traffic.RankRequest], s: BenchSettings,
+                    item_ids: np.ndarray | None = None) -> ServiceResult:
     from search_rank_client import SearchClient
 
     result = ServiceResult(name)
@@ -151,9 +193,14 @@ def measure_service(name: str, url: str, pid: int, requests: dict[int, list[byte
     for n, reqs in requests.items():
         closed_loop(url, reqs, 2, 1.0, warmup_s=0.5)  # warm this request size
         cpu0, done = _tree_cpu_s(pid), 0
+        stats0 = triton_stats(url) if name != NAIVE else None
         result.levels[n] = []
+        result.batch[n] = {}
         for conc in s.concurrency:
+            level0 = triton_stats(url) if stats0 is not None else None
             calls = closed_loop(url, reqs, conc, s.seconds)
+            if level0 is not None:
+                result.batch[n][conc] = {m: c["avg_batch"] for m, c in step_costs(level0, triton_stats(url)).items()}
             ok = [x.latency_ms for x in calls if x.code == OK]
             done += len(ok)
             lv = Level(conc, len(calls), len(calls) - len(ok), len(ok) / s.seconds, percentile(ok, 50),
@@ -164,7 +211,23 @@ def measure_service(name: str, url: str, pid: int, requests: dict[int, list[byte
             if lv.p99_ms is None or lv.p99_ms > 20 * s.p99_budget_ms:
                 break  # far past the budget: more concurrency only queues
         result.cpu_ms_per_request[n] = 1000 * (_tree_cpu_s(pid) - cpu0) / max(done, 1)
+        if stats0 is not None:
+            result.steps[n] = step_costs(stats0, triton_stats(url))
+    if s.perf_analyzer is not None and name in (NAIVE, TRITON_COMPRESSED):
+        result.perf = perf_cross_check(s, url, name, item_ids)
     return result
+
+
+def perf_cross_check(s: BenchSettings, url: str, name: str, item_ids: np.ndarray) -> dict[str, float]:
+    from loadtests.latency import perf_analyzer, read_perf_csv
+
+    with tempfile.TemporaryDirectory() as tmp:
+        csv_file = Path(tmp) / "perf.csv"
+        perf_analyzer(s.perf_analyzer, url, item_ids, s.perf_candidates, s.perf_concurrency, csv_file)
+        out = read_perf_csv(csv_file)
+    log.info("perf_analyzer, %s, %d candidates, concurrency %d: %.1f infer/s, p99 %.1f ms", name, s.perf_candidates,
+             s.perf_concurrency, out["infer_per_s"], out["p99_ms"])
+    return out
 
 
 # ---- INT8 GEMM peak and the encoder's share of it -----------------------------------------------
@@ -252,6 +315,12 @@ def checks(results: dict[str, ServiceResult], agree: dict[str, float], s: BenchS
         out[f"compressed >= {s.min_speedup_vs_naive:g}x naive throughput at p99 <= {s.p99_budget_ms:g} ms, {n} cand."] = (
             f"{vs_naive:.1f}x", vs_naive >= s.min_speedup_vs_naive)
         out[f"compressed >= {s.min_speedup_vs_fp32:g}x Triton FP32, {n} cand."] = (f"{vs_fp32:.1f}x", vs_fp32 >= s.min_speedup_vs_fp32)
+    for n in s.candidates:
+        levels = [lv for lv in comp.levels[n] if lv.concurrency in (4, 8)]
+        if levels:
+            refused = sum(lv.errors for lv in levels)
+            out[f"compressed refuses nothing at concurrency 4 and 8, {n} cand."] = (
+                f"{refused} of {sum(lv.calls for lv in levels)}", refused == 0 and len(levels) == 2)
     if 100 in s.candidates and 1 in s.concurrency:
         p99 = comp.at(100, 1).p99_ms
         out[f"compressed p99 <= {s.max_p99_c1_ms:g} ms at concurrency 1, 100 cand."] = (
@@ -288,6 +357,50 @@ def plot(results: dict[str, ServiceResult], s: BenchSettings, path: Path) -> Non
     tmp.replace(path)
 
 
+def step_table(results: dict[str, ServiceResult], n: int) -> list[str]:
+    """Per pipeline step of each Triton service: where a request's server time goes."""
+    lines = []
+    for name, r in results.items():
+        steps = r.steps.get(n)
+        if not steps:
+            continue
+        lines += ["", f"{name}, per step over the whole sweep (Triton statistics; compute is wall time in the "
+                  "model's execute, input and output copies included):", "",
+                  "| step | requests | queue ms / request | compute ms / request | average batch |",
+                  "|---|---:|---:|---:|---:|"]
+        for model, c in steps.items():
+            lines.append(f"| {model} | {c['requests']} | {c['queue_ms']:.2f} | {c['compute_ms']:.2f} | {c['avg_batch']:.2f} |")
+        total = sum(c["compute_ms"] for c in steps.values())
+        lines.append(f"| all steps | | {sum(c['queue_ms'] for c in steps.values()):.2f} | {total:.2f} | |")
+    return lines
+
+
+def batch_table(results: dict[str, ServiceResult], n: int) -> list[str]:
+    r = results.get(TRITON_COMPRESSED)
+    if r is None or not r.batch.get(n):
+        return []
+    models = sorted({m for levels in r.batch[n].values() for m in levels})
+    lines = ["", f"{TRITON_COMPRESSED}, average batch per step at each concurrency (requests per execution):", "",
+             "| concurrency | " + " | ".join(models) + " |", "|---:|" + "---:|" * len(models)]
+    for conc, per_model in sorted(r.batch[n].items()):
+        lines.append(f"| {conc} | " + " | ".join(f"{per_model.get(m, 0):.2f}" for m in models) + " |")
+    return lines
+
+
+def perf_section(results: dict[str, ServiceResult], s: BenchSettings) -> list[str]:
+    measured = {name: r.perf for name, r in results.items() if r.perf}
+    if not measured:
+        return []
+    lines = [f"## Cross-check with Triton's perf_analyzer ({s.perf_candidates} candidates, concurrency "
+             f"{s.perf_concurrency})", "", "| service | infer/s | p50 ms | p99 ms |", "|---|---:|---:|---:|"]
+    lines += [f"| {name} | {p['infer_per_s']:.1f} | {p['p50_ms']:.1f} | {p['p99_ms']:.1f} |" for name, p in measured.items()]
+    if NAIVE in measured and TRITON_COMPRESSED in measured and measured[NAIVE]["infer_per_s"] > 0:
+        ratio = measured[TRITON_COMPRESSED]["infer_per_s"] / measured[NAIVE]["infer_per_s"]
+        lines += ["", f"perf_analyzer ratio, bundle / naive: {ratio:.1f}x (reported beside the closed-loop "
+                  "figures above, not gated: perf_analyzer keeps the concurrency fixed whatever the p99)."]
+    return lines + [""]
+
+
 def markdown(results: dict[str, ServiceResult], agree: dict[str, float], eff: dict, verdicts: dict,
              s: BenchSettings, command: str, machine: str, image: str, cpus_note: str) -> str:
     fmt = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
@@ -308,12 +421,14 @@ def markdown(results: dict[str, ServiceResult], agree: dict[str, float], eff: di
             c1 = r.at(n, 1) if 1 in s.concurrency else None
             lines.append(f"| {name} | {fmt(c1.p50_ms)} / {fmt(c1.p95_ms)} / {fmt(c1.p99_ms)} | "
                          f"{r.best_rps(n, s.p99_budget_ms):.1f} | {r.cpu_ms_per_request[n]:.1f} | {agree[name]:.3f} |")
+        lines += step_table(results, n) + batch_table(results, n)
         lines += ["", "Every level (concurrency: throughput /s, p99 ms, errors):", ""]
         for name, r in results.items():
             levels = ", ".join(f"c{x.concurrency}: {x.rps:.1f}/s, {fmt(x.p99_ms)} ms" + (f", {x.errors} err" if x.errors else "")
                                for x in r.levels[n])
             lines.append(f"- {name}: {levels}")
         lines.append("")
+    lines += perf_section(results, s)
     lines += [f"![p99 latency vs throughput]({image})", "",
               "How: each service is started alone; its server process tree is pinned to the server CPUs and the load "
               "generator (`loadtests/grpc_load.py`, serialized requests on raw gRPC futures) to the rest. The same seeded "
@@ -325,7 +440,7 @@ def markdown(results: dict[str, ServiceResult], agree: dict[str, float], eff: di
 
 
 def run(s: BenchSettings, out_md: Path, out_png: Path, command: str) -> tuple[dict, dict, bool]:
-    from model_repository.runtime import served_catalog_dir
+    from model_repository.runtime import CatalogTables, served_catalog_dir
 
     server_cpus, load_cpus = split_cpus()
     before = os.sched_getaffinity(0)
@@ -335,12 +450,13 @@ def run(s: BenchSettings, out_md: Path, out_png: Path, command: str) -> tuple[di
         catalog = served_catalog_dir(repositories[TRITON_COMPRESSED])
         requests = {n: search_rank_requests(catalog, 256, n, s.seed) for n in s.candidates}
         agree_reqs = agreement_requests(catalog, s.agreement_queries, s.seed)
+        item_ids = CatalogTables.load(catalog).item_ids
         try:
             if load_cpus:
                 os.sched_setaffinity(0, load_cpus)
             for name in SERVICES:
                 with serve(name, s.profile, repositories, server_cpus) as (url, pid):
-                    results[name] = measure_service(name, url, pid, requests, agree_reqs, s)
+                    results[name] = measure_service(name, url, pid, requests, agree_reqs, s, item_ids)
         finally:
             os.sched_setaffinity(0, before)
     eff = encoder_efficiency(s.profile, server_cpus)
@@ -369,6 +485,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--markdown", type=Path, default=REPO_ROOT / "docs" / "BENCHMARKS.md")
     p.add_argument("--png", type=Path, help="plot (default: benchmarks.png beside the markdown)")
     p.add_argument("--json", type=Path, help="also write the raw results here")
+    p.add_argument("--perf-analyzer", type=Path,
+                   help="perf_analyzer binary: also measure the naive service and the bundle with it (cross-check)")
     args = p.parse_args(argv)
     from conversion.build_models import PROFILES
 
@@ -380,7 +498,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--concurrency, --seconds and --agreement-queries must be positive")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     s = BenchSettings(profile=args.profile, candidates=tuple(args.candidates), concurrency=tuple(sorted(set(args.concurrency))),
-                      seconds=args.seconds, agreement_queries=args.agreement_queries)
+                      seconds=args.seconds, agreement_queries=args.agreement_queries, perf_analyzer=args.perf_analyzer)
     command = "python -m loadtests.side_by_side " + " ".join(argv if argv is not None else sys.argv[1:])
     from model_repository.triton_server import TritonStartError
 

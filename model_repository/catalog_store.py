@@ -1,14 +1,14 @@
 """Catalog versions inside a model repository, and the swap to a new one without a restart.
 
-The feature_lookup model's version folder holds a catalog store (layout in
+The ranker model's version folder holds a catalog store (layout in
 `model_repository.runtime`): one folder per catalog version and a CURRENT file naming the active
 one. `swap` installs a new artifact beside the served one (hard links when on the same disk, so a
 10M-item catalog installs in milliseconds), checks it, and replaces CURRENT atomically. Each
-feature_lookup instance notices the change before its next batch, opens the new tables
+ranker instance notices the change before its next batch, opens the new tables
 (memory-mapped: no copy, no pause) and answers from them from then on; requests already in a
 batch finish on the old tables, which stay valid while mapped even once pruned.
 
-Why not Triton's own model versions: the ensemble pins feature_lookup and model control is off by
+Why not Triton's own model versions: the ensemble pins the ranker and model control is off by
 default (docs/reliability.md), so a new version folder needs a reload of the whole model, its
 Python stub and its config. A catalog is data, not a model: swapping a pointer is enough.
 """
@@ -33,7 +33,7 @@ class CatalogSwapError(ValueError):
 
 
 def store_dir(repository: Path | str) -> Path:
-    return Path(repository) / spec.FEATURE_LOOKUP / "1" / runtime.CATALOG_FOLDER
+    return Path(repository) / spec.CATALOG_MODEL / "1" / runtime.CATALOG_FOLDER
 
 
 def place(src: Path, dst: Path) -> None:

@@ -55,9 +55,9 @@ def _tensor(t: spec.Tensor, cls):
 
 
 def text_label(pipeline: spec.PipelineSpec) -> str:
-    """Names of the ensemble inputs that feed the tokenizer, for its error messages."""
+    """Names of the ensemble inputs that feed the text model, for its error messages."""
     names = [step.input_map[spec.ENCODER_TEXT.name] for e in pipeline.ensembles for step in e.steps
-             if step.model == spec.TOKENIZER]
+             if spec.ENCODER_TEXT.name in step.input_map]
     return "/".join(dict.fromkeys(names))
 
 
@@ -65,6 +65,9 @@ def model_config(model: spec.Model, extra_parameters: dict[str, str] | None = No
     cfg = mc.ModelConfig(name=model.name, backend="python", max_batch_size=model.max_batch_size)
     cfg.input.extend(_tensor(t, mc.ModelInput) for t in model.inputs)
     cfg.output.extend(_tensor(t, mc.ModelOutput) for t in model.outputs)
+    for tensor in cfg.input:
+        if tensor.name in model.ragged_inputs:
+            tensor.allow_ragged_batch = True
     if model.dynamic_batching is not None:
         cfg.dynamic_batching.max_queue_delay_microseconds = model.dynamic_batching.max_queue_delay_us
         cfg.dynamic_batching.preferred_batch_size.extend(model.dynamic_batching.preferred_batch_size)
@@ -86,19 +89,29 @@ TRT_PLAN = "model.plan"
 
 
 def tensorrt_config(model: spec.Model, gpus: int = 1) -> mc.ModelConfig:
-    """The same model contract served from a TensorRT plan on the GPU (GPU nodes only).
+    """A spec model served from a TensorRT plan on the GPU (GPU target only).
 
-    Names, dtypes, dims and batching come from the same spec entry as the CPU model, so the
-    ensemble wiring is identical; only the platform and the instance kind differ.
+    Names, dtypes, dims and batching come from the spec entry like any other model; only the
+    platform and the instance kind differ.
     """
+    if model.platform != spec.TENSORRT:
+        raise ValueError(f"model {model.name!r} is a {model.platform} model, not a TensorRT plan")
     cfg = model_config(model)
     cfg.ClearField("backend")
     cfg.ClearField("parameters")
-    cfg.platform = "tensorrt_plan"
+    cfg.platform = spec.TENSORRT
     cfg.default_model_filename = TRT_PLAN
     del cfg.instance_group[:]
     cfg.instance_group.add(kind=mc.ModelInstanceGroup.KIND_GPU, count=gpus)
     return cfg
+
+
+def config_for(pipeline: spec.PipelineSpec, model: spec.Model) -> mc.ModelConfig:
+    """The config.pbtxt message of one composing model, as render writes it."""
+    if model.platform == spec.TENSORRT:
+        return tensorrt_config(model)
+    extra = {"text_label": text_label(pipeline)} if spec.ENCODER_TEXT in model.inputs else None
+    return model_config(model, extra)
 
 
 def ensemble_config(ensemble: spec.Ensemble) -> mc.ModelConfig:
@@ -122,15 +135,17 @@ def read_config(path: Path) -> mc.ModelConfig:
     return text_format.Parse(path.read_text(), mc.ModelConfig())
 
 
-def model_files(artifacts: Artifacts) -> dict[str, dict[str, Path]]:
+def model_files(pipeline: spec.PipelineSpec, artifacts: Artifacts,
+                encoder_plan: Path | None = None) -> dict[str, dict[str, Path]]:
     """Per model: destination name inside the version folder -> source path."""
-    return {
-        spec.TOKENIZER: {runtime.TOKENIZER_FILE: artifacts.encoder_dir / runtime.TOKENIZER_FILE},
-        spec.QUERY_ENCODER: {runtime.ENCODER_FILE: artifacts.encoder_dir / runtime.ENCODER_FILE},
-        spec.FEATURE_LOOKUP: {runtime.CATALOG_FOLDER: artifacts.catalog_dir},
-        spec.CTR_RANKER: {runtime.RANKER_FILE: artifacts.ranker_file},
-        spec.TOP_K_SELECT: {},
-    }
+    tokenizer = {runtime.TOKENIZER_FILE: artifacts.encoder_dir / runtime.TOKENIZER_FILE}
+    ranker = {runtime.RANKER_FILE: artifacts.ranker_file, runtime.CATALOG_FOLDER: artifacts.catalog_dir}
+    if pipeline.target == spec.CPU:
+        return {spec.QUERY_ENCODER: {**tokenizer, runtime.ENCODER_FILE: artifacts.encoder_dir / runtime.ENCODER_FILE},
+                spec.RANKER: ranker}
+    if encoder_plan is None:
+        raise ValueError("the GPU rendering needs --encoder-plan (the TensorRT plan built on the node)")
+    return {spec.TOKENIZER: tokenizer, spec.QUERY_ENCODER: {TRT_PLAN: Path(encoder_plan)}, spec.RANKER: ranker}
 
 
 def render_cpu_repository(pipeline: spec.PipelineSpec, artifacts: Artifacts, out: Path) -> Path:
@@ -145,10 +160,11 @@ def render_gpu_repository(pipeline: spec.PipelineSpec, artifacts: Artifacts, out
 
 def render_repository(pipeline: spec.PipelineSpec, artifacts: Artifacts, out: Path,
                       encoder_plan: Path | None = None) -> Path:
+    """Render `pipeline` (its target decides the layout); a GPU pipeline needs `encoder_plan`."""
     out = Path(out)
-    files = model_files(artifacts)
-    if encoder_plan is not None:
-        files[spec.QUERY_ENCODER] = {TRT_PLAN: Path(encoder_plan)}
+    if encoder_plan is not None and pipeline.target != spec.GPU:
+        raise ValueError("an encoder plan is served only by the GPU pipeline (spec.build_spec(target='gpu'))")
+    files = model_files(pipeline, artifacts, encoder_plan)
     for sources in files.values():
         for src in sources.values():
             if not src.exists():
@@ -159,15 +175,12 @@ def render_repository(pipeline: spec.PipelineSpec, artifacts: Artifacts, out: Pa
         for model in pipeline.models:
             version = tmp / model.name / "1"
             version.mkdir(parents=True)
-            if encoder_plan is not None and model.name == spec.QUERY_ENCODER:
-                write_config(tensorrt_config(model), tmp / model.name)
-            else:
-                extra = {"text_label": text_label(pipeline)} if model.name == spec.TOKENIZER else None
-                write_config(model_config(model, extra), tmp / model.name)
+            write_config(config_for(pipeline, model), tmp / model.name)
+            if model.platform == spec.PYTHON:
                 (version / "model.py").write_text(
                     f"from model_repository.backends.{model.backend_module} import TritonPythonModel  # noqa: F401\n")
             for name, src in files[model.name].items():
-                if model.name == spec.FEATURE_LOOKUP and name == runtime.CATALOG_FOLDER:
+                if name == runtime.CATALOG_FOLDER:
                     create_store(version / name, src)  # versioned, so a new catalog can be swapped in
                 else:
                     place(src, version / name)
@@ -175,7 +188,7 @@ def render_repository(pipeline: spec.PipelineSpec, artifacts: Artifacts, out: Pa
             write_config(ensemble_config(ensemble), tmp / ensemble.name)
             (tmp / ensemble.name / "1").mkdir()
         (tmp / "MANIFEST.json").write_text(json.dumps({
-            "target": "cpu" if encoder_plan is None else "gpu",
+            "target": pipeline.target,
             "artifacts": {k: str(v) for k, v in vars(artifacts).items()},
             "models": [m.name for m in pipeline.models], "ensembles": [e.name for e in pipeline.ensembles],
         }, indent=2))
@@ -228,7 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         artifacts, dim = read_artifacts_manifest(args.artifacts)
-        pipeline = spec.build_spec(dim, ort_threads=args.ort_threads)
+        target = spec.GPU if args.encoder_plan else spec.CPU
+        pipeline = spec.build_spec(dim, target=target, ort_threads=args.ort_threads)
         out = render_repository(pipeline, artifacts, args.out or build_root() / "model_repository",
                                 encoder_plan=args.encoder_plan)
     except (FileNotFoundError, ValueError) as e:

@@ -50,16 +50,29 @@ class BucketTokenizer:
                 return b
         return self.buckets[-1]
 
-    def encode(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        """Token ids and attention mask, int64 [len(texts), bucket]."""
-        encodings = self._tok.encode_batch(list(texts))
-        width = self.bucket_for(max(len(e.ids) for e in encodings))
+    def _pack(self, encodings, width: int) -> tuple[np.ndarray, np.ndarray]:
         ids = np.full((len(encodings), width), self.pad_id, dtype=np.int64)
         mask = np.zeros((len(encodings), width), dtype=np.int64)
         for row, e in enumerate(encodings):
             ids[row, : len(e.ids)] = e.ids
             mask[row, : len(e.ids)] = 1
         return ids, mask
+
+    def encode(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Token ids and attention mask, int64 [len(texts), bucket]."""
+        encodings = self._tok.encode_batch(list(texts))
+        return self._pack(encodings, self.bucket_for(max(len(e.ids) for e in encodings)))
+
+    def encode_grouped(self, texts: Sequence[str]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """(rows, ids, mask) per sequence bucket present among `texts`, each text padded only to its
+        own bucket: one long text must not make a batch of short queries pay for 128 positions."""
+        encodings = self._tok.encode_batch(list(texts))
+        buckets = np.array([self.bucket_for(len(e.ids)) for e in encodings])
+        groups = []
+        for width in np.unique(buckets):
+            rows = np.flatnonzero(buckets == width)
+            groups.append((rows, *self._pack([encodings[r] for r in rows], int(width))))
+        return groups
 
 
 def ort_session(onnx_path: Path | str, threads: int = 1, providers: Sequence[str] = ("CPUExecutionProvider",)):
@@ -126,7 +139,7 @@ class ItemIndex:
     (993 of 1000 at 1M items); the few whose probe run is longer finish in a scalar loop.
     """
 
-    EMPTY = -1  # ids are >= 0 (feature_lookup refuses negative ones)
+    EMPTY = -1  # ids are >= 0 (the ranker refuses negative ones)
     KEYS, ROWS = "item_index_keys.npy", "item_index_rows.npy"
     WINDOW = 8
 
@@ -329,7 +342,7 @@ class CatalogTables:
         file is in the page cache: at 10M items that is most of a 1000-candidate lookup until
         the server has touched the whole table. Reading one byte per page maps it all (the kernel
         maps up to 16 neighbouring cached pages per fault); numpy releases the GIL while it reads,
-        so feature_lookup does this on a background thread and serves meanwhile."""
+        so the ranker does this on a background thread and serves meanwhile."""
         import time
 
         started = time.perf_counter()
@@ -342,13 +355,13 @@ class CatalogTables:
         return time.perf_counter() - started
 
     def candidate_rows(self, item_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """What feature_lookup sends the ranker for one request's candidates: float32 embeddings
+        """The ranker graph inputs of one request's candidates: float32 embeddings
         [n, d] and item features [n, k], cold-start rows for unknown ids."""
         rows = self.item_rows(item_ids)
         return self.embedding_rows(rows), np.ascontiguousarray(self.item_features[rows])
 
 
-# ---- catalog store: versions a running feature_lookup can switch between --------------------
+# ---- catalog store: versions a running ranker can switch between --------------------
 #
 # <store>/versions/<name>/  one catalog artifact per version (a folder of CatalogTables files)
 # <store>/CURRENT           the active version's name; replaced atomically (os.replace) to swap
@@ -364,8 +377,8 @@ def active_catalog(store: Path | str) -> Path:
 
 
 def served_catalog_dir(repository: Path | str) -> Path:
-    """The catalog artifact a rendered repository's feature_lookup serves now (the store folder
+    """The catalog artifact a rendered repository's ranker serves now (the store folder
     itself when there is no CURRENT: a repository not rendered yet, so that loading it fails
     naming that folder)."""
-    store = Path(repository) / spec.FEATURE_LOOKUP / "1" / CATALOG_FOLDER
+    store = Path(repository) / spec.CATALOG_MODEL / "1" / CATALOG_FOLDER
     return active_catalog(store) if (store / CATALOG_CURRENT).is_file() else store

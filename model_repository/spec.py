@@ -63,12 +63,16 @@ class Model:
     name: str
     inputs: tuple[Tensor, ...]
     outputs: tuple[Tensor, ...]
-    # Module under model_repository/backends that implements the model on the CPU target.
+    # Module under model_repository/backends that implements a python-backend model.
     backend_module: str
     max_batch_size: int = 0
     dynamic_batching: DynamicBatching | None = None
     instance_count: int = 1
     parameters: dict[str, str] = field(default_factory=dict)
+    # "python" (a module under model_repository/backends) or "tensorrt_plan" (GPU target only).
+    platform: str = "python"
+    # Inputs whose per-request shapes may differ inside one dynamic batch (Triton allow_ragged_batch).
+    ragged_inputs: tuple[str, ...] = ()
 
     def tensor(self, name: str) -> Tensor:
         for t in self.inputs + self.outputs:
@@ -97,6 +101,7 @@ class Ensemble:
 class PipelineSpec:
     models: tuple[Model, ...]
     ensembles: tuple[Ensemble, ...]
+    target: str = "cpu"
 
     def model(self, name: str) -> Model:
         for m in self.models:
@@ -112,11 +117,20 @@ class PipelineSpec:
 
 
 # ---- composing models -----------------------------------------------------------------------
+# Every crossing into a python-backend model costs about a millisecond of CPU whatever work it
+# carries (docs/architecture.md), so the CPU rendering has two: one that tokenizes and encodes, one
+# that validates, reads the catalog rows, scores and keeps the top K. The GPU rendering splits the
+# first so that the encoder's FLOPs run in a TensorRT plan: tokenizer (python) -> query_encoder
+# (TensorRT) -> ranker (python).
 TOKENIZER = "tokenizer"
 QUERY_ENCODER = "query_encoder"
-FEATURE_LOOKUP = "feature_lookup"
-CTR_RANKER = "ctr_ranker"
-TOP_K_SELECT = "top_k"
+RANKER = "ranker"
+# The model whose version folder holds the versioned catalog store (model_repository.catalog_store).
+CATALOG_MODEL = RANKER
+
+CPU, GPU = "cpu", "gpu"
+TARGETS = (CPU, GPU)
+PYTHON, TENSORRT = "python", "tensorrt_plan"
 
 # Encoder graph tensors; the ONNX export uses exactly these names so a TensorRT plan built
 # from it needs no renaming.
@@ -124,7 +138,8 @@ INPUT_IDS = Tensor("INPUT_IDS", INT64, (-1,))
 ATTENTION_MASK = Tensor("ATTENTION_MASK", INT64, (-1,))
 ENCODER_TEXT = Tensor("TEXT", BYTES, (1,))
 
-# Ranker graph tensors (candidates are the batch axis).
+# Ranker graph tensors (candidates are the batch axis of the ONNX graph; inside the ranker model
+# only, never between models).
 # item_bucket: the catalog item id hashed into a bounded table (conversion.ranker_model.item_bucket);
 # the cold-start row 0 has 0 in every column, so unknown ids share one learned embedding.
 ITEM_FEATURE_COLUMNS = ("category", "brand", "price_bucket", "item_bucket")
@@ -147,107 +162,99 @@ def item_embedding(dim: int) -> Tensor:
 # measured too (docs/reliability.md).
 DEFAULT_QUEUE_POLICY = QueuePolicy(timeout_us=100_000)
 
+# Batching of the two python models, tuned from the table in docs/architecture.md ("Batching").
+ENCODER_BATCHING = DynamicBatching(max_queue_delay_us=500)
+RANKER_BATCHING = DynamicBatching(max_queue_delay_us=300)
+ENCODER_MAX_BATCH = 8
+# Requests (not rows) per ranker execution: 8 x 1000 candidates is one 8000-row ORT call.
+RANKER_MAX_REQUESTS = 8
 
-def build_spec(embedding_dim: int, *, encoder_instances: int = 1, ort_threads: int = DEFAULT_ORT_THREADS,
+
+def build_spec(embedding_dim: int, *, target: str = CPU, encoder_instances: int = 1,
+               ort_threads: int = DEFAULT_ORT_THREADS,
                queue_policy: QueuePolicy | None = DEFAULT_QUEUE_POLICY) -> PipelineSpec:
-    """The CPU pipeline for an encoder of `embedding_dim` (384 for all-MiniLM-L6-v2).
+    """The pipeline for an encoder of `embedding_dim` (384 for all-MiniLM-L6-v2) on `target`.
 
-    `queue_policy` bounds the queue of every model except top_k (None: unbounded, Triton's default).
-    top_k is left without one: refusing there would throw away a request whose work is all done."""
+    `queue_policy` bounds the queue of every model except a TensorRT one (None: unbounded, Triton's
+    default): whichever step is the bottleneck (the encoder at 100 candidates, the ranker at 1000)
+    must refuse, or its queue grows until callers hit their deadlines (docs/reliability.md)."""
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
     emb = text_embedding(embedding_dim)
     q_emb = query_embedding(embedding_dim)
-    i_emb = item_embedding(embedding_dim)
     threads = {"intra_op_num_threads": str(ort_threads)}
+    text_params = {"seq_buckets": ",".join(map(str, SEQ_BUCKETS)), "max_query_bytes": str(MAX_QUERY_BYTES)}
+    first_batching = DynamicBatching(ENCODER_BATCHING.max_queue_delay_us, ENCODER_BATCHING.preferred_batch_size,
+                                     queue=queue_policy)
 
-    tokenizer = Model(
-        TOKENIZER,
-        inputs=(ENCODER_TEXT,),
-        outputs=(INPUT_IDS, ATTENTION_MASK),
-        backend_module="tokenizer",
-        max_batch_size=64,
-        dynamic_batching=DynamicBatching(max_queue_delay_us=100, queue=queue_policy),
-        parameters={"seq_buckets": ",".join(map(str, SEQ_BUCKETS)), "max_query_bytes": str(MAX_QUERY_BYTES)},
-    )
-    encoder = Model(
-        QUERY_ENCODER,
-        inputs=(INPUT_IDS, ATTENTION_MASK),
-        outputs=(emb,),
-        backend_module="encoder",
-        max_batch_size=64,
-        dynamic_batching=DynamicBatching(max_queue_delay_us=500, queue=queue_policy),
-        instance_count=encoder_instances,
-        parameters=dict(threads),
-    )
-    # Non-batching: it receives one request's [N] candidates and validates them, then emits
-    # per-candidate rows so the ranker can batch candidates across requests.
-    lookup = Model(
-        FEATURE_LOOKUP,
-        inputs=(
-            Tensor(q_emb.name, FP32, (1, embedding_dim)),
-            USER_ID,
-            CANDIDATE_IDS,
-        ),
-        outputs=(
-            Tensor(q_emb.name, FP32, (-1, embedding_dim)),
-            Tensor(i_emb.name, FP32, (-1, embedding_dim)),
-            Tensor(ITEM_FEATURES.name, INT64, (-1, ITEM_FEATURES.dims[0])),
-            Tensor(USER_FEATURES.name, INT64, (-1, USER_FEATURES.dims[0])),
-        ),
-        backend_module="feature_lookup",
-        # Not batching (max_batch_size 0): the block only gives it a queue with the policy. At 1000
-        # candidates it is the slowest step, and without a policy its queue grew to over a second.
-        dynamic_batching=DynamicBatching(max_queue_delay_us=0, queue=queue_policy),
-        parameters={"max_candidates": str(MAX_CANDIDATES)},
-    )
     ranker = Model(
-        CTR_RANKER,
-        inputs=(q_emb, i_emb, ITEM_FEATURES, USER_FEATURES),
-        outputs=(CLICK_PROB,),
-        backend_module="ranker",
-        # Several full requests (<= MAX_CANDIDATES rows each) merge into one ORT call.
-        max_batch_size=4 * MAX_CANDIDATES,
-        dynamic_batching=DynamicBatching(max_queue_delay_us=300, queue=queue_policy),
-        parameters=dict(threads),
-    )
-    topk = Model(
-        TOP_K_SELECT,
-        inputs=(Tensor(CLICK_PROB.name, FP32, (-1, 1)), CANDIDATE_IDS, TOP_K),
+        RANKER,
+        inputs=(q_emb, USER_ID, CANDIDATE_IDS, TOP_K),
         outputs=(ITEM_IDS, SCORES),
-        backend_module="top_k",
+        backend_module="ranker",
+        # The batch axis is requests: each brings its own [N] candidates (ragged), and the model
+        # scores the rows of every request in a batch in one ORT call, then splits them back.
+        max_batch_size=RANKER_MAX_REQUESTS,
+        dynamic_batching=DynamicBatching(RANKER_BATCHING.max_queue_delay_us, RANKER_BATCHING.preferred_batch_size,
+                                         queue=queue_policy),
+        ragged_inputs=(CANDIDATE_IDS.name,),
+        parameters={**threads, "max_candidates": str(MAX_CANDIDATES)},
     )
+    if target == CPU:
+        encoder = Model(
+            QUERY_ENCODER,
+            inputs=(ENCODER_TEXT,),
+            outputs=(emb,),
+            backend_module="text_encoder",
+            # 8, not 64: an execution blocks the instance, and timed-out requests are refused only
+            # when the scheduler next looks at the queue. At 3x capacity with 64 (and 16) refusals
+            # and admitted calls waited behind long batches (refusals p99 0.7 s, goodput 40-105%);
+            # with 8, refusals p99 137 ms, admitted p99 179 ms, goodput 105% (docs/architecture.md).
+            max_batch_size=ENCODER_MAX_BATCH,
+            dynamic_batching=first_batching,
+            instance_count=encoder_instances,
+            parameters={**threads, **text_params},
+        )
+        models = (encoder, ranker)
+        encode_steps = (Step(QUERY_ENCODER, {ENCODER_TEXT.name: QUERY.name}, {emb.name: "_query_embedding"}),)
+        embed_steps = (Step(QUERY_ENCODER, {ENCODER_TEXT.name: TEXT.name}, {emb.name: emb.name}),)
+    else:
+        tokenizer = Model(
+            TOKENIZER,
+            inputs=(ENCODER_TEXT,),
+            outputs=(INPUT_IDS, ATTENTION_MASK),
+            backend_module="tokenizer",
+            max_batch_size=64,
+            dynamic_batching=DynamicBatching(max_queue_delay_us=100, queue=queue_policy),
+            parameters=text_params,
+        )
+        encoder = Model(
+            QUERY_ENCODER,
+            inputs=(INPUT_IDS, ATTENTION_MASK),
+            outputs=(emb,),
+            backend_module="",
+            platform=TENSORRT,
+            max_batch_size=64,
+            dynamic_batching=ENCODER_BATCHING,
+            instance_count=encoder_instances,
+        )
+        models = (tokenizer, encoder, ranker)
+        tokens = {INPUT_IDS.name: "_input_ids", ATTENTION_MASK.name: "_attention_mask"}
+        encode_steps = (Step(TOKENIZER, {ENCODER_TEXT.name: QUERY.name}, dict(tokens)),
+                        Step(QUERY_ENCODER, dict(tokens), {emb.name: "_query_embedding"}))
+        embed_steps = (Step(TOKENIZER, {ENCODER_TEXT.name: TEXT.name}, dict(tokens)),
+                       Step(QUERY_ENCODER, dict(tokens), {emb.name: emb.name}))
 
     search_rank = Ensemble(
         SEARCH_RANK,
         inputs=(QUERY, USER_ID, CANDIDATE_IDS, TOP_K),
         outputs=(ITEM_IDS, SCORES),
-        steps=(
-            Step(TOKENIZER, {ENCODER_TEXT.name: QUERY.name},
-                 {INPUT_IDS.name: "_input_ids", ATTENTION_MASK.name: "_attention_mask"}),
-            Step(QUERY_ENCODER, {INPUT_IDS.name: "_input_ids", ATTENTION_MASK.name: "_attention_mask"},
-                 {emb.name: "_query_embedding"}),
-            Step(FEATURE_LOOKUP,
+        steps=encode_steps + (
+            Step(RANKER,
                  {q_emb.name: "_query_embedding", USER_ID.name: USER_ID.name,
-                  CANDIDATE_IDS.name: CANDIDATE_IDS.name},
-                 {q_emb.name: "_query_rows", i_emb.name: "_item_rows",
-                  ITEM_FEATURES.name: "_item_features", USER_FEATURES.name: "_user_features"}),
-            Step(CTR_RANKER,
-                 {q_emb.name: "_query_rows", i_emb.name: "_item_rows",
-                  ITEM_FEATURES.name: "_item_features", USER_FEATURES.name: "_user_features"},
-                 {CLICK_PROB.name: "_click_prob"}),
-            Step(TOP_K_SELECT,
-                 {CLICK_PROB.name: "_click_prob", CANDIDATE_IDS.name: CANDIDATE_IDS.name, TOP_K.name: TOP_K.name},
+                  CANDIDATE_IDS.name: CANDIDATE_IDS.name, TOP_K.name: TOP_K.name},
                  {ITEM_IDS.name: ITEM_IDS.name, SCORES.name: SCORES.name}),
         ),
     )
-    text_embed = Ensemble(
-        TEXT_EMBED,
-        inputs=(TEXT,),
-        outputs=(emb,),
-        steps=(
-            Step(TOKENIZER, {ENCODER_TEXT.name: TEXT.name},
-                 {INPUT_IDS.name: "_input_ids", ATTENTION_MASK.name: "_attention_mask"}),
-            Step(QUERY_ENCODER, {INPUT_IDS.name: "_input_ids", ATTENTION_MASK.name: "_attention_mask"},
-                 {emb.name: emb.name}),
-        ),
-    )
-    return PipelineSpec(models=(tokenizer, encoder, lookup, ranker, topk), ensembles=(search_rank, text_embed))
+    text_embed = Ensemble(TEXT_EMBED, inputs=(TEXT,), outputs=(emb,), steps=embed_steps)
+    return PipelineSpec(models=models, ensembles=(search_rank, text_embed), target=target)

@@ -1,8 +1,11 @@
-"""CTR ranker model: candidate rows of every request in a dynamic batch scored in one ORT run.
+"""Ranker model: validates a request, reads its candidates' catalog rows in place, scores them and
+keeps the top K, all in one python-backend step.
 
-Candidates are the batch axis, so Triton's dynamic batcher merges the rows of concurrent
-requests; one ORT call scores them all and the result is split back by each request's row
-count (a row's score depends on that row only, so merging never changes a score).
+The batch axis of this model is requests, each with its own [N] candidates (a ragged input), so
+Triton's dynamic batcher merges concurrent requests whatever their candidate counts. The rows of
+every valid request in a batch go through one ORT call and are split back by each request's row
+count: a row's score depends on that row only, so merging never changes a score. Nothing per
+candidate crosses a model boundary; only the query embedding comes in.
 """
 from __future__ import annotations
 
@@ -10,31 +13,52 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from model_repository import runtime, spec
-from model_repository.backends.common import ModelContext, input_array
+from model_repository.backends.candidates import CatalogReloader, validate_ids
+from model_repository.backends.common import BadRequest, ModelContext, input_array
+from model_repository.backends.top_k import select_top_k, top_k_value
 from model_repository.runtime import ort_session
 
 
-def check_inputs_match_config(session, config: dict) -> None:
-    """Fail at load time, naming the tensor, when the ONNX file and config.pbtxt disagree (e.g. a
-    ranker trained before a feature column was added): otherwise the first request would fail."""
-    declared = {t["name"]: [int(d) for d in t["dims"]] for t in config.get("input", [])}
+def ranker_graph_dims(embedding_dim: int) -> dict[str, list[int]]:
+    """Per-candidate dims of every input the ranker graph takes (the batch axis is candidates)."""
+    return {spec.query_embedding(0).name: [embedding_dim], spec.item_embedding(0).name: [embedding_dim],
+            spec.ITEM_FEATURES.name: list(spec.ITEM_FEATURES.dims), spec.USER_FEATURES.name: list(spec.USER_FEATURES.dims)}
+
+
+def check_ranker_graph(session, embedding_dim: int) -> None:
+    """Fail at load time, naming the tensor, when the ONNX file does not take the rows this model
+    builds (e.g. a ranker trained before a feature column was added): otherwise the first
+    request would fail."""
+    expected = ranker_graph_dims(embedding_dim)
     onnx_inputs = {i.name: i.shape[1:] for i in session.get_inputs()}
-    if set(declared) != set(onnx_inputs):
-        raise ValueError(f"{runtime.RANKER_FILE} inputs {sorted(onnx_inputs)} != config inputs {sorted(declared)}")
+    if set(expected) != set(onnx_inputs):
+        raise ValueError(f"{runtime.RANKER_FILE} inputs {sorted(onnx_inputs)} != expected {sorted(expected)}")
     for name, dims in onnx_inputs.items():
         fixed = [d if isinstance(d, int) else -1 for d in dims]
-        if fixed != declared[name]:
-            raise ValueError(f"{runtime.RANKER_FILE} input {name} has per-candidate dims {fixed}, config.pbtxt "
-                             f"declares {declared[name]}: rebuild the ranker stage for this spec")
+        if fixed != expected[name]:
+            raise ValueError(f"{runtime.RANKER_FILE} input {name} has per-candidate dims {fixed}, the served "
+                             f"encoder and catalog give {expected[name]}: rebuild the ranker stage for this spec")
+
+
+def one_request(array: np.ndarray | None, name: str) -> np.ndarray | None:
+    """A request's tensor without its batch axis: this model takes one request per call."""
+    if array is None:
+        return None
+    if array.ndim < 1 or array.shape[0] != 1:
+        raise BadRequest(f"{name} must come one request at a time (batch 1), got shape {list(array.shape)}")
+    return array[0]
 
 
 class TritonPythonModel:
     def initialize(self, args):
         self.ctx = ModelContext(args)
+        self.max_candidates = int(self.ctx.param("max_candidates"))
+        self.q_name = spec.query_embedding(0).name
+        dim = int(next(t["dims"][-1] for t in self.ctx.config["input"] if t["name"] == self.q_name))
         self.session = ort_session(self.ctx.version_dir / runtime.RANKER_FILE,
                                    int(self.ctx.param("intra_op_num_threads", "1")))
-        check_inputs_match_config(self.session, self.ctx.config)
-        self.inputs = [i.name for i in self.session.get_inputs()]
+        check_ranker_graph(self.session, dim)
+        self.catalog = CatalogReloader(self.ctx.version_dir / runtime.CATALOG_FOLDER, dim, pb_utils.Logger)
         for n in (1, 100, spec.MAX_CANDIDATES):  # warm the allocator for typical sizes
             feeds = {}
             for i in self.session.get_inputs():
@@ -42,10 +66,44 @@ class TritonPythonModel:
                 feeds[i.name] = np.zeros([n, *i.shape[1:]], dtype=dtype)  # zeros: the cold-start row
             self.session.run(None, feeds)
 
+    def _parse(self, request):
+        """(query [d], user id [1], candidates [N], k) of a valid request; BadRequest names the tensor."""
+        query = one_request(input_array(request, self.q_name), self.q_name)
+        user_id = one_request(input_array(request, spec.USER_ID.name), spec.USER_ID.name)
+        candidates = one_request(input_array(request, spec.CANDIDATE_IDS.name), spec.CANDIDATE_IDS.name)
+        top_k = one_request(input_array(request, spec.TOP_K.name), spec.TOP_K.name)
+        validate_ids(user_id, candidates, self.max_candidates)
+        return query.reshape(-1), user_id.reshape(-1), candidates, top_k_value(top_k, len(candidates))
+
     def execute(self, requests):
-        parts = {name: [input_array(r, name) for r in requests] for name in self.inputs}
-        feeds = {name: np.concatenate(arrays) if len(arrays) > 1 else arrays[0] for name, arrays in parts.items()}
-        probs = self.session.run([spec.CLICK_PROB.name], feeds)[0]
-        bounds = np.cumsum([len(a) for a in parts[self.inputs[0]]])[:-1]
-        return [pb_utils.InferenceResponse([pb_utils.Tensor(spec.CLICK_PROB.name, p)])
-                for p in np.split(probs, bounds)]
+        self.catalog.refresh()
+        tables = self.catalog.tables
+        responses: list = [None] * len(requests)
+        valid = []
+        for i, request in enumerate(requests):
+            try:
+                valid.append((i, *self._parse(request)))
+            except BadRequest as err:
+                responses[i] = self.ctx.invalid(err)
+        if not valid:
+            return responses
+        queries, items, features, users = [], [], [], []
+        for _, query, user_id, candidates, _ in valid:
+            n = len(candidates)
+            embeddings, item_features = tables.candidate_rows(candidates)
+            queries.append(np.broadcast_to(query, (n, query.shape[0])))
+            items.append(embeddings)
+            features.append(item_features)
+            users.append(np.broadcast_to(tables.user_features[tables.user_rows(user_id)], (n, tables.user_features.shape[1])))
+        feeds = {self.q_name: np.concatenate(queries), spec.item_embedding(0).name: np.concatenate(items),
+                 spec.ITEM_FEATURES.name: np.concatenate(features), spec.USER_FEATURES.name: np.concatenate(users)}
+        probs = self.session.run([spec.CLICK_PROB.name], feeds)[0].reshape(-1)
+        start = 0
+        for i, _, _, candidates, k in valid:
+            n = len(candidates)
+            ids, scores = select_top_k(probs[start:start + n], candidates, k)
+            start += n
+            responses[i] = pb_utils.InferenceResponse([
+                pb_utils.Tensor(spec.ITEM_IDS.name, ids.reshape(1, -1)),
+                pb_utils.Tensor(spec.SCORES.name, scores.reshape(1, -1))])
+        return responses

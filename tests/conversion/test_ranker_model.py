@@ -405,24 +405,22 @@ def test_choose_prefers_simplest_unless_clearly_faster():
 # ---- serving-side check ---------------------------------------------------------------------------
 
 
-def test_served_ranker_refuses_an_onnx_file_that_disagrees_with_its_config(tmp_path):
+def test_served_ranker_refuses_an_onnx_file_that_disagrees_with_the_spec(tmp_path):
+    import dataclasses
     import sys
     import types
 
     sys.modules.setdefault("triton_python_backend_utils", types.ModuleType("triton_python_backend_utils"))
-    from model_repository.backends.ranker import check_inputs_match_config
+    from model_repository.backends.ranker import check_ranker_graph
 
     model = SearchRanker(SMALL).eval()
     export_ranker_onnx(model, tmp_path / "r.onnx", _inputs(8))
     session = ort_session(tmp_path / "r.onnx")
-    names = [spec.query_embedding(0).name, spec.item_embedding(0).name, spec.ITEM_FEATURES.name,
-             spec.USER_FEATURES.name]
-    dims = [[SMALL.embedding_dim], [SMALL.embedding_dim], [len(SMALL.item_cardinalities)],
-            [len(SMALL.user_cardinalities)]]
-    config = {"input": [{"name": n, "dims": d} for n, d in zip(names, dims)]}
-    check_inputs_match_config(session, config)
-    config["input"][2]["dims"] = [len(SMALL.item_cardinalities) + 1]  # a spec with one more item column
+    check_ranker_graph(session, SMALL.embedding_dim)
+    with pytest.raises(ValueError, match="QUERY_EMBEDDING has per-candidate dims"):
+        check_ranker_graph(session, SMALL.embedding_dim + 1)  # an encoder of another width
+    # a ranker trained with one more item column than the spec's
+    wider = dataclasses.replace(SMALL, item_cardinalities=SMALL.item_cardinalities + (7,))
+    export_ranker_onnx(SearchRanker(wider).eval(), tmp_path / "w.onnx", _inputs(8, wider))
     with pytest.raises(ValueError, match="ITEM_FEATURES has per-candidate dims"):
-        check_inputs_match_config(session, config)
-    with pytest.raises(ValueError, match="inputs"):
-        check_inputs_match_config(session, {"input": config["input"][:3]})
+        check_ranker_graph(ort_session(tmp_path / "w.onnx"), SMALL.embedding_dim)

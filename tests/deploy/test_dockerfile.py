@@ -115,7 +115,7 @@ def test_copied_code_is_enough_for_the_entrypoint_and_backends(tmp_path):
                "model_repository.runtime", "model_repository.spec", "conversion.encode_items"]
     # Backends import triton_python_backend_utils, which only exists inside Triton: check they
     # are present as files, and import everything else from the copied tree only.
-    for model in ("tokenizer", "encoder", "feature_lookup", "ranker", "top_k"):
+    for model in ("text_encoder", "tokenizer", "candidates", "ranker", "top_k"):
         assert (src / "model_repository" / "backends" / f"{model}.py").is_file()
     probe = (f"import importlib, sys\nfor m in {modules!r}: importlib.import_module(m)\n"
              "own = [n for n in sys.modules if n.split('.')[0] in ('deploy', 'conversion', 'model_repository', 'search_rank_client')]\n"

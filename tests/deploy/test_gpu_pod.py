@@ -21,13 +21,13 @@ pytestmark = pytest.mark.unit
 
 
 @pytest.mark.parametrize("cpus, expected", [
-    (1, (1, 1, 1)), (2, (1, 1, 1)), (4, (1, 1, 1)), (8, (2, 2, 2)), (16, (4, 4, 4)), (32, (8, 8, 8))])
+    (1, (1, 1)), (2, (1, 1)), (4, (1, 1)), (8, (2, 3)), (16, (4, 6)), (32, (8, 12))])
 def test_cpu_steps_follow_the_pods_cpus(cpus, expected):
     s = gpu_pod.size_for_cpus(cpus)
-    assert (s.tokenizer_instances, s.lookup_instances, s.ranker_instances) == expected
+    assert (s.tokenizer_instances, s.ranker_instances) == expected
     assert s.ranker_threads == 2 and s.plan_instances == 2 and s.cuda_graphs
     if cpus >= 8:  # never more than the pod has, give or take the one core rounding may add
-        assert 1 + s.tokenizer_instances + s.lookup_instances + 2 * s.ranker_instances <= cpus + 1
+        assert 1 + s.tokenizer_instances + 2 * s.ranker_instances <= cpus + 1
 
 
 def test_pod_cpus_come_from_the_downward_api_value():
@@ -53,9 +53,8 @@ def gpu_repository(ci_bundle, tmp_path, monkeypatch):
 def test_rendered_gpu_repository_is_sized(gpu_repository):
     cfg = gpu_repository
     counts = {name: sum(g.count for g in c.instance_group) for name, c in cfg.items() if c.platform != "ensemble"}
-    assert counts == {spec.TOKENIZER: 4, spec.FEATURE_LOOKUP: 4, spec.CTR_RANKER: 4, spec.QUERY_ENCODER: 2,
-                      spec.TOP_K_SELECT: 1}
-    assert cfg[spec.CTR_RANKER].parameters["intra_op_num_threads"].string_value == "2"
+    assert counts == {spec.TOKENIZER: 4, spec.RANKER: 6, spec.QUERY_ENCODER: 2}
+    assert cfg[spec.RANKER].parameters["intra_op_num_threads"].string_value == "2"
 
 
 def test_plan_has_two_instances_and_cuda_graphs_for_batch_1_queries(gpu_repository):
@@ -78,7 +77,7 @@ def test_cuda_graphs_can_be_switched_off(ci_bundle, tmp_path):
 
     plan = tmp_path / "x.plan"
     plan.write_bytes(b"plan")
-    pipeline = spec.build_spec(ci_bundle.embedding_dim)
+    pipeline = spec.build_spec(ci_bundle.embedding_dim, target=spec.GPU)
     repo = render_repository(pipeline, ci_bundle.artifacts, tmp_path / "repo", encoder_plan=plan)
     path = gpu_pod.tune_plan_config(repo, gpu_pod.size_for_cpus(4, plan_instances=3, cuda_graphs=False))
     cfg = read_config(path)

@@ -238,9 +238,9 @@ def test_gpu_pod_sizes_its_cpu_steps_from_its_cpu_request(rendered):
                                                     "divisor": "1"}
     cpus = int(c["resources"]["requests"]["cpu"])
     sizing = gpu_pod.size_for_cpus(cpus)
-    used = 1 + sizing.tokenizer_instances + sizing.lookup_instances + sizing.ranker_instances * sizing.ranker_threads
+    used = 1 + sizing.tokenizer_instances + sizing.ranker_instances * sizing.ranker_threads
     assert cpus - 1 <= used <= cpus + 1, f"{sizing} uses {used} of {cpus} CPUs"
-    assert min(sizing.tokenizer_instances, sizing.lookup_instances, sizing.ranker_instances) > 1, \
+    assert min(sizing.tokenizer_instances, sizing.ranker_instances) > 1, \
         "a GPU pod must not keep the 2-core CPU target's single instances"
     assert sizing.plan_instances == 2
     settings, _ = parse_args(c["args"])
@@ -339,7 +339,7 @@ def test_committed_dashboard_is_generated_from_the_spec(rendered):
 @pytest.mark.unit
 def test_dashboard_queries_only_spec_models():
     known = {m for m in (*dashboard.ENSEMBLES, *dashboard.STEPS)}
-    assert set(dashboard.STEPS) == {m.name for m in spec.build_spec(8).models}
+    assert set(dashboard.STEPS) == {m.name for t in spec.TARGETS for m in spec.build_spec(8, target=t).models}
     for expr in _dashboard_queries():
         for group in re.findall(r'model=~"([^"]+)"', expr):
             assert set(group.split("|")) <= known, expr

@@ -46,7 +46,7 @@ def test_probe_fails_when_a_stub_dies_though_triton_says_live(ci_repository):
         assert r.stdout.strip() == (f"live: tritonserver {server.process.pid}, "
                                     f"{probe.expected_stubs(ci_repository)} backend stubs running")
         ranker = [pid for pid in backend_stubs(server.process.pid)
-                  if f"/{spec.CTR_RANKER}/" in Path(f"/proc/{pid}/cmdline").read_text()]
+                  if f"/{spec.RANKER}/" in Path(f"/proc/{pid}/cmdline").read_text()]
         assert len(ranker) == 1
         os.kill(ranker[0], signal.SIGKILL)
         time.sleep(1.0)

@@ -121,7 +121,7 @@ def test_cli_settings_default_to_the_profile_load(tmp_path):
     args = run.build_parser().parse_args(["--repository", str(tmp_path), "--out", str(tmp_path / "o")])
     s = run.settings_from_args(args, profile)
     assert (s.users, s.duration_s, s.mode) == (profile.load.users, profile.load.duration_s, "closed")
-    assert s.catalog == tmp_path / "feature_lookup" / "1" / "catalog"
+    assert s.catalog == tmp_path / "ranker" / "1" / "catalog"
     args = run.build_parser().parse_args(["--mode", "open", "--rate", "25", "--workers", "3", "--duration", "7"])
     s = run.settings_from_args(args, profile)
     assert (s.users, s.arrival_rate, s.duration_s, s.user_class) == (3, 25.0, 7, "OpenLoopUser")

@@ -65,7 +65,7 @@ def test_smoke_load_meets_loose_targets_with_concurrent_requests(triton, ci_repo
     with open(out / "triton_models.csv", newline="") as f:
         models = {r["model"]: r for r in csv.DictReader(f)}
     # the per-model breakdown covers the pipeline steps, with time in them
-    assert {"search_rank", "text_embed", "query_encoder", "ctr_ranker"} <= set(models)
+    assert {"search_rank", "text_embed", "query_encoder", "ranker"} <= set(models)
     assert float(models["query_encoder"]["compute_ms"]) > 0
 
 

@@ -41,7 +41,7 @@ def test_cpus_are_split_between_server_and_load():
 @pytest.mark.unit
 def test_unbounded_copy_drops_only_the_queue_policy(ci_repository, tmp_path):
     copy = overload.without_queue_policy(ci_repository, tmp_path / "repo")
-    for name in ("tokenizer", "query_encoder", "feature_lookup", "ctr_ranker"):
+    for name in ("query_encoder", "ranker"):
         original = read_config(ci_repository / name / "config.pbtxt")
         stripped = read_config(copy / name / "config.pbtxt")
         assert original.dynamic_batching.HasField("default_queue_policy")

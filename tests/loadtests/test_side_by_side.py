@@ -26,6 +26,32 @@ def test_throughput_counts_only_levels_within_the_budget_and_the_error_budget():
 
 
 @pytest.mark.unit
+def test_step_costs_are_per_request_deltas_and_skip_ensembles():
+    before = {"ranker": {"requests": 10, "queue_ns": 1_000_000, "compute_ns": 5_000_000, "executions": 10, "rows": 10},
+              "search_rank": {"requests": 10, "queue_ns": 0, "compute_ns": 9_000_000, "executions": 10, "rows": 10}}
+    after = {"ranker": {"requests": 30, "queue_ns": 5_000_000, "compute_ns": 45_000_000, "executions": 15, "rows": 30},
+             "search_rank": {"requests": 30, "queue_ns": 0, "compute_ns": 99_000_000, "executions": 30, "rows": 30},
+             "query_encoder": {"requests": 4, "queue_ns": 400_000, "compute_ns": 8_000_000, "executions": 1, "rows": 4}}
+    costs = sbs.step_costs(before, after)
+    assert set(costs) == {"ranker", "query_encoder"}
+    assert costs["ranker"] == {"requests": 20, "queue_ms": 0.2, "compute_ms": 2.0, "avg_batch": 4.0}
+    assert costs["query_encoder"]["avg_batch"] == 4.0 and costs["query_encoder"]["compute_ms"] == 2.0
+
+
+@pytest.mark.unit
+def test_refusals_at_ordinary_concurrency_fail_the_bench():
+    def result(name, errors_at_4):
+        levels = [sbs.Level(c, 100, errors_at_4 if c == 4 else 0, 50.0 * c, 5, 6, 8) for c in (1, 4, 8)]
+        return sbs.ServiceResult(name, levels={100: levels}, top10=[list(range(10))])
+    s = sbs.BenchSettings(candidates=(100,), concurrency=(1, 4, 8))
+    for errors, ok in ((0, True), (1, False)):
+        results = {sbs.NAIVE: result(sbs.NAIVE, 0), sbs.TRITON_FP32: result(sbs.TRITON_FP32, 0),
+                   sbs.TRITON_COMPRESSED: result(sbs.TRITON_COMPRESSED, errors)}
+        verdicts = sbs.checks(results, sbs.agreement(results), s)
+        assert verdicts["compressed refuses nothing at concurrency 4 and 8, 100 cand."][1] is ok
+
+
+@pytest.mark.unit
 def test_cli_refuses_bad_settings(capsys):
     with pytest.raises(SystemExit) as e:
         sbs.main(["--candidates", "0"])
@@ -65,3 +91,9 @@ def test_ci_sized_run_writes_report_and_plot(ci_models, tmp_path):
     assert "GOP/s" in text and "(benchmarks.png)" in text
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert any("agreement" in k for k in verdicts)
+    # where a request's server time goes, per step, for both Triton services
+    for name in (sbs.TRITON_FP32, sbs.TRITON_COMPRESSED):
+        steps = results[name].steps[100]
+        assert {"query_encoder", "ranker"} <= set(steps), steps
+        assert all(c["compute_ms"] > 0 and c["avg_batch"] >= 1 for c in steps.values())
+    assert "queue ms / request" in text and "average batch per step" in text

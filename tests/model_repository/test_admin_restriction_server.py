@@ -32,7 +32,7 @@ def test_admin_endpoints_need_the_key_and_load_unload_stay_off(ci_repository):
             assert spec.SEARCH_RANK in {m.name for m in index.models}
             # even with the key, the repository cannot be changed at run time
             with pytest.raises(InferenceServerException, match="(?i)explicit|not allowed|polling"):
-                client.unload_model(spec.CTR_RANKER, headers={ADMIN_KEY_GRPC_HEADER: KEY})
+                client.unload_model(spec.RANKER, headers={ADMIN_KEY_GRPC_HEADER: KEY})
             assert client.is_model_ready(spec.SEARCH_RANK)
         finally:
             client.close()
@@ -56,7 +56,7 @@ def test_without_a_key_load_and_unload_are_still_refused(triton):
     client = grpcclient.InferenceServerClient(triton.grpc_url)
     try:
         with pytest.raises(InferenceServerException, match="(?i)explicit|not allowed|polling"):
-            client.unload_model(spec.CTR_RANKER)
+            client.unload_model(spec.RANKER)
         assert client.is_model_ready(spec.SEARCH_RANK)
     finally:
         client.close()

@@ -14,7 +14,7 @@ import pytest
 sys.modules.setdefault("triton_python_backend_utils", types.ModuleType("triton_python_backend_utils"))
 
 from model_repository.backends.common import BadRequest  # noqa: E402
-from model_repository.backends.feature_lookup import validate_ids  # noqa: E402
+from model_repository.backends.candidates import validate_ids  # noqa: E402
 from model_repository.backends.tokenizer import decode_text  # noqa: E402
 from model_repository.backends.top_k import select_top_k  # noqa: E402
 

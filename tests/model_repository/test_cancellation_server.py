@@ -20,7 +20,7 @@ BURST = 200
 
 def _ranked(client) -> int:
     """search_rank requests the ranker has executed (succeeded) so far."""
-    stats = client.get_inference_statistics(spec.CTR_RANKER, as_json=True)["model_stats"][0]
+    stats = client.get_inference_statistics(spec.RANKER, as_json=True)["model_stats"][0]
     return int(stats["inference_stats"]["success"].get("count", 0))
 
 

@@ -15,7 +15,7 @@ sys.modules.setdefault("triton_python_backend_utils", types.ModuleType("triton_p
 
 from conversion.synthetic_catalog import SyntheticCatalogSettings, build_synthetic_catalog  # noqa: E402
 from model_repository import catalog_store  # noqa: E402
-from model_repository.backends.feature_lookup import CatalogReloader  # noqa: E402
+from model_repository.backends.candidates import CatalogReloader  # noqa: E402
 from model_repository.runtime import (COLD_START_ROW, CatalogTables, ItemIndex, active_catalog,  # noqa: E402
                                       served_catalog_dir, stored_embeddings)
 

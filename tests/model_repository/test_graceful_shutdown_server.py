@@ -40,13 +40,16 @@ def test_sigterm_drains_admitted_requests_and_exits_in_time(ci_repository, tmp_p
         server.wait_ready()
         client = grpcclient.InferenceServerClient(server.grpc_url)
         results: queue.Queue = queue.Queue()
-        n = 12  # 1000 candidates each: about a second of work queued on two cores
+        # 1000 candidates each: about a second of work queued on two cores (two python hops serve a
+        # 1000-candidate request in about 20 ms; twelve, enough with five hops, finished before the signal)
+        n = 60
         for k in range(n):
             client.async_infer(spec.SEARCH_RANK, _request(k), callback=lambda result, error, k=k: results.put((k, result, error)),
                                client_timeout=60)
         time.sleep(0.2)  # let the requests reach the server before it is told to stop
         signalled = time.monotonic()
         server.process.send_signal(signal.SIGTERM)
+        assert results.qsize() < n, "everything was answered before the signal: nothing was drained"
         answers = [results.get(timeout=60) for _ in range(n)]
         failed = [(k, str(e)) for k, _, e in answers if e is not None]
         assert not failed, f"requests admitted before SIGTERM failed: {failed}"

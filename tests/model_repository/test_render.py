@@ -80,7 +80,7 @@ def test_config_names_match_folders(configs):
 
 def test_composing_models_are_python_backends(ci_repository, configs):
     models = [n for n, c in configs.items() if c.platform != "ensemble"]
-    assert len(models) >= 3
+    assert len(models) == 2  # CPU: query_encoder (tokenize + encode) and ranker
     for name in models:
         cfg = configs[name]
         assert cfg.backend == "python", name
@@ -95,7 +95,7 @@ def test_ensembles(configs):
         cfg = configs[name]
         assert cfg.platform == "ensemble" and cfg.backend == ""
         assert cfg.max_batch_size == 0
-        assert len(cfg.ensemble_scheduling.step) >= 2
+        assert len(cfg.ensemble_scheduling.step) >= 1
 
 
 # ---- ensemble wiring ------------------------------------------------------------------------
@@ -172,17 +172,42 @@ def test_public_contract(configs, ensemble, contract):
         assert actual == expected, f"{ensemble} {kind}"
 
 
-# ---- batching -------------------------------------------------------------------------------
+# ---- batching and hops ------------------------------------------------------------------------
 
-@pytest.mark.parametrize("model", ["tokenizer", "query_encoder", "ctr_ranker"])
+@pytest.mark.parametrize("model", ["query_encoder", "ranker"])
 def test_dynamic_batching(configs, model):
     cfg = configs[model]
     assert cfg.max_batch_size > 1
     assert cfg.HasField("dynamic_batching")
 
 
-@pytest.mark.parametrize("model", ["tokenizer", "query_encoder", "feature_lookup", "ctr_ranker"])
-def test_every_model_but_the_last_refuses_what_waited_too_long(configs, model):
+@pytest.mark.parametrize("ensemble", ENSEMBLES)
+def test_cpu_request_crosses_at_most_two_python_models(configs, ensemble):
+    steps = configs[ensemble].ensemble_scheduling.step
+    python_steps = [s.model_name for s in steps if configs[s.model_name].backend == "python"]
+    assert len(python_steps) <= 2, python_steps
+
+
+def test_nothing_per_candidate_crosses_a_model_boundary(configs):
+    # The only tensor between the two search_rank steps is one query embedding per request.
+    produced = {v for s in configs["search_rank"].ensemble_scheduling.step for v in s.output_map.values()}
+    internal = produced - set(tensors(configs["search_rank"], "output"))
+    assert internal == {"_query_embedding"}
+    encoder_out = tensors(configs["query_encoder"], "output")["EMBEDDING"]
+    assert list(encoder_out.dims) == [384]
+
+
+def test_ranker_batches_requests_of_any_candidate_count(configs):
+    ranker = configs["ranker"]
+    inputs = tensors(ranker, "input")
+    # Requests, not candidate rows, are its batch axis; each brings its own [N] candidates.
+    assert inputs["CANDIDATE_IDS"].allow_ragged_batch and list(inputs["CANDIDATE_IDS"].dims) == [-1]
+    assert not any(t.allow_ragged_batch for n, t in inputs.items() if n != "CANDIDATE_IDS")
+    assert inputs["TOP_K"].optional
+
+
+@pytest.mark.parametrize("model", ["query_encoder", "ranker"])
+def test_every_model_refuses_what_waited_too_long(configs, model):
     from model_repository.spec import DEFAULT_QUEUE_POLICY
 
     policy = configs[model].dynamic_batching.default_queue_policy
@@ -193,11 +218,6 @@ def test_every_model_but_the_last_refuses_what_waited_too_long(configs, model):
     assert policy.allow_timeout_override
 
 
-def test_the_last_step_never_refuses_finished_work(configs):
-    assert not configs["top_k"].HasField("dynamic_batching")
-    assert configs["feature_lookup"].max_batch_size == 0, "the policy must not make the lookup batch"
-
-
 def test_queue_policy_is_validated_and_can_be_left_out():
     from model_repository import spec
     from model_repository.render import model_config
@@ -206,15 +226,13 @@ def test_queue_policy_is_validated_and_can_be_left_out():
         spec.QueuePolicy(timeout_us=0)
     with pytest.raises(ValueError, match="max_queue_size"):
         spec.QueuePolicy(timeout_us=1000, max_queue_size=-1)
-    unbounded = spec.build_spec(8, queue_policy=None)
-    for m in unbounded.models:
-        if m.dynamic_batching is not None:
-            assert not model_config(m).dynamic_batching.HasField("default_queue_policy")
-
-
-def test_ranker_batch_holds_a_full_request(configs):
-    # One request scores up to 1000 candidates as 1000 ranker rows.
-    assert configs["ctr_ranker"].max_batch_size >= 1000
+    with pytest.raises(ValueError, match="target"):
+        spec.build_spec(8, target="tpu")
+    for target in spec.TARGETS:
+        unbounded = spec.build_spec(8, target=target, queue_policy=None)
+        for m in unbounded.models:
+            if m.dynamic_batching is not None:
+                assert not model_config(m).dynamic_batching.HasField("default_queue_policy")
 
 
 # ---- atomic render ---------------------------------------------------------------------------
@@ -244,7 +262,7 @@ def test_render_replaces_existing_output(ci_models, ci_pipeline, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model_repository"]
     # Served files are real files (hard links or copies), never symlinks.
     assert not [p for p in out.rglob("*") if p.is_symlink()]
-    assert (out / "ctr_ranker" / "1" / "ranker.onnx").is_file()
+    assert (out / "ranker" / "1" / "ranker.onnx").is_file()
     assert (runtime.served_catalog_dir(out) / "item_ids.npy").is_file()
 
 
@@ -256,22 +274,32 @@ def test_gpu_rendering_serves_the_encoder_from_a_tensorrt_plan(ci_models, ci_pip
     plan.write_bytes(b"not a real engine: only the layout and config are checked here")
     artifacts = Artifacts(encoder_dir=ci_models["encoder"], catalog_dir=ci_models["catalog_artifact"],
                           ranker_dir=ci_models["ranker"])
-    repo = render_gpu_repository(ci_pipeline, artifacts, tmp_path / "gpu_repo", encoder_plan=plan)
-    gpu = parse(repo / spec.QUERY_ENCODER / "config.pbtxt")
+    with pytest.raises(ValueError, match="GPU pipeline"):
+        render_gpu_repository(ci_pipeline, artifacts, tmp_path / "wrong", encoder_plan=plan)
+    dim = ci_pipeline.model(spec.QUERY_ENCODER).outputs[0].dims[0]
+    gpu_pipeline = spec.build_spec(dim, target=spec.GPU)
+    repo = render_gpu_repository(gpu_pipeline, artifacts, tmp_path / "gpu_repo", encoder_plan=plan)
+    configs = {p.parent.name: parse(p) for p in repo.glob("*/config.pbtxt")}
+    gpu = configs[spec.QUERY_ENCODER]
     cpu = parse(Path(ci_repository) / spec.QUERY_ENCODER / "config.pbtxt")
     assert gpu.platform == "tensorrt_plan" and not gpu.backend and gpu.default_model_filename == TRT_PLAN
     assert [g.kind for g in gpu.instance_group] == [model_config_pb2.ModelInstanceGroup.KIND_GPU]
-    # Same contract as the CPU model: names, dtypes, dims, batching.
-    for kind in ("input", "output"):
-        assert [(t.name, t.data_type, list(t.dims)) for t in getattr(gpu, kind)] == \
-               [(t.name, t.data_type, list(t.dims)) for t in getattr(cpu, kind)]
-    assert gpu.max_batch_size == cpu.max_batch_size and gpu.dynamic_batching == cpu.dynamic_batching
-    model = ci_pipeline.model(spec.QUERY_ENCODER)
-    assert [t.name for t in gpu.input] == [t.name for t in model.inputs]
+    # The plan takes token ids (the ONNX graph's inputs); the text encoding's output is the same.
+    assert [t.name for t in gpu.input] == [spec.INPUT_IDS.name, spec.ATTENTION_MASK.name]
+    assert [(t.name, t.data_type, list(t.dims)) for t in gpu.output] == \
+           [(t.name, t.data_type, list(t.dims)) for t in cpu.output]
     version = repo / spec.QUERY_ENCODER / "1"
     assert sorted(p.name for p in version.iterdir()) == [TRT_PLAN]
     assert (version / TRT_PLAN).read_bytes() == plan.read_bytes()
-    # Every other model is rendered exactly as on CPU.
-    for other in (m.name for m in ci_pipeline.models if m.name != spec.QUERY_ENCODER):
-        assert (repo / other / "config.pbtxt").read_text() == (Path(ci_repository) / other / "config.pbtxt").read_text()
+    # Python steps around the plan: still two per request, the ranker rendered exactly as on CPU.
+    for ensemble in ENSEMBLES:
+        steps = [s.model_name for s in configs[ensemble].ensemble_scheduling.step]
+        assert sum(configs[m].backend == "python" for m in steps) <= 2, steps
+        assert spec.QUERY_ENCODER in steps
+    assert configs[spec.TOKENIZER].backend == "python"
+    assert (repo / spec.RANKER / "config.pbtxt").read_text() == \
+           (Path(ci_repository) / spec.RANKER / "config.pbtxt").read_text()
+    for ensemble in ENSEMBLES:  # the public contract does not depend on the target
+        assert [(t.name, t.data_type, list(t.dims)) for t in configs[ensemble].input] == \
+               [(t.name, t.data_type, list(t.dims)) for t in parse(Path(ci_repository) / ensemble / "config.pbtxt").input]
     assert json.loads((repo / "MANIFEST.json").read_text())["target"] == "gpu"

@@ -1,12 +1,9 @@
-"""Feature lookup model: validates one request's ids and joins them with the catalog artifact.
+"""A request's ids checked, and the catalog tables the ranker reads candidate rows from.
 
-It emits one row per candidate (query embedding repeated) so the ranker can batch candidate
-rows from many requests. Ids missing from the artifact get the cold-start row, never an error.
-
-The artifact comes from the catalog store in the version folder (model_repository.catalog_store):
-before each batch the model stats the store's CURRENT file and, when it was replaced, opens the
-version it names and serves from it. A version that cannot be opened is logged and the old one
-keeps serving: a bad upload must not fail requests.
+The tables come from the catalog store in the ranker's version folder
+(model_repository.catalog_store): before each batch the ranker stats the store's CURRENT file and,
+when it was replaced, opens the version it names and serves from it. A version that cannot be
+opened is logged and the old one keeps serving: a bad upload must not fail requests.
 """
 from __future__ import annotations
 
@@ -14,10 +11,9 @@ import os
 import threading
 
 import numpy as np
-import triton_python_backend_utils as pb_utils
 
 from model_repository import spec
-from model_repository.backends.common import BadRequest, ModelContext, input_array
+from model_repository.backends.common import BadRequest
 from model_repository import runtime
 from model_repository.runtime import CatalogTables
 
@@ -79,37 +75,3 @@ class CatalogReloader:
             self.log.log_info(f"catalog {name}: every page mapped in {tables.prefault():.2f} s")
         except Exception as e:  # a failed warm-up only costs speed, never requests
             self.log.log_error(f"catalog {name}: prefault failed: {e}")
-
-
-class TritonPythonModel:
-    def initialize(self, args):
-        self.ctx = ModelContext(args)
-        self.max_candidates = int(self.ctx.param("max_candidates"))
-        self.q_name = spec.query_embedding(0).name
-        self.i_name = spec.item_embedding(0).name
-        dim = next(o["dims"][-1] for o in self.ctx.config["output"] if o["name"] == self.i_name)
-        self.catalog = CatalogReloader(self.ctx.version_dir / runtime.CATALOG_FOLDER, int(dim), pb_utils.Logger)
-
-    def execute(self, requests):
-        self.catalog.refresh()
-        tables = self.catalog.tables
-        responses = []
-        for request in requests:
-            query = input_array(request, self.q_name)
-            user_id = input_array(request, spec.USER_ID.name)
-            candidates = input_array(request, spec.CANDIDATE_IDS.name)
-            try:
-                validate_ids(user_id, candidates, self.max_candidates)
-            except BadRequest as err:
-                responses.append(self.ctx.invalid(err))
-                continue
-            n = len(candidates)
-            embeddings, features = tables.candidate_rows(candidates)
-            user_row = tables.user_rows(user_id.reshape(-1))
-            responses.append(pb_utils.InferenceResponse([
-                pb_utils.Tensor(self.q_name, np.repeat(query.reshape(1, -1), n, axis=0)),
-                pb_utils.Tensor(self.i_name, embeddings),
-                pb_utils.Tensor(spec.ITEM_FEATURES.name, features),
-                pb_utils.Tensor(spec.USER_FEATURES.name, np.repeat(tables.user_features[user_row], n, axis=0)),
-            ]))
-        return responses
