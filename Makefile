@@ -18,7 +18,7 @@ METRICS_PORT ?= 8002
 PYTEST_ARGS ?=
 
 # encoder-frontier: keep-FLOPs/layers vs fidelity vs speed, one table (POINTS=0.5:0,0.35:2,...)
-.PHONY: encoder-frontier help venv client-wheel models serve demo test test-unit test-server bench bench-latency bench-perf-analyzer bench-ranker loadtest \
+.PHONY: encoder-frontier help venv client-wheel models serve demo test test-unit test-server bench bench-batching bench-latency bench-perf-analyzer bench-ranker loadtest \
 	loadtest-distributed reliability bench-overload clean deploy-tools image-bundle image k8s-render \
 	catalog bench-encoding bench-catalog bench-catalog-serving swap-catalog gpu-check
 
@@ -38,7 +38,8 @@ help:
 	@echo "              TLS_CERT=server.pem TLS_KEY=server.key [TLS_CLIENT_CA=ca.pem for mutual TLS]: gRPC over TLS;"
 	@echo "              ADMIN_KEY_FILE=key.txt: admin endpoints need that key (docs/deploy.md)"
 	@echo "make bench    the bundle vs a naive PyTorch gRPC service vs Triton FP32: latency, throughput at p99 <= 50 ms,"
-	@echo "              CPU per request, top-10 agreement, INT8 efficiency; PASS/FAIL (docs/BENCHMARKS.md)"
+	@echo "              CPU per request and per step, refusals at c4/c8, top-10 agreement, INT8 efficiency, perf_analyzer cross-check; PASS/FAIL (docs/BENCHMARKS.md)"
+	@echo "make bench-batching   encoder batch / throughput / p99 per concurrency for several batching delays (docs/architecture.md)"
 	@echo "make bench-latency   search_rank latency (100 and 1000 candidates) against a fresh local server"
 	@echo "make bench-perf-analyzer   the same, cross-checked with Triton's perf_analyzer"
 	@echo "make reliability   overload, stub-kill, restart, hot-swap, cancellation and shutdown scenarios (real servers)"
@@ -154,6 +155,11 @@ BENCH_MARKDOWN ?= $(if $(filter default,$(PROFILE)),docs/BENCHMARKS.md,build/rep
 bench: models $(PERF_VENV)/.installed
 	$(PY) -m loadtests.side_by_side --profile $(PROFILE) --markdown $(BENCH_MARKDOWN) --json build/reports/side_by_side.json \
 		--perf-analyzer $(PERF_VENV)/bin/perf_analyzer
+
+# The encoder's average batch, throughput and p99 per concurrency for several batching delays
+# (the table in docs/architecture.md, "Batching").
+bench-batching: models
+	$(PY) -m loadtests.batching --repository $(REPOSITORY)
 
 bench-latency: models
 	$(PY) -m loadtests.latency --repository $(REPOSITORY)
