@@ -77,9 +77,14 @@ $(STAMP): pyproject.toml client/pyproject.toml
 # The stages write a manifest of the served folders; the renderer reads only that (it needs neither
 # torch nor conversion/, so a node that only serves can render: `python -m model_repository.render`).
 MANIFEST ?= build/artifacts/served-$(PROFILE)-$(ENCODER)-$(RANKER).json
+# EVAL_TEXTS=file: the encoder gate judges this file instead of the bundled broad set; DISTILL_TEXTS=file:
+# texts added to distillation (docs/encoder_compression.md).
+EVAL_TEXTS ?=
+DISTILL_TEXTS ?=
 models: $(STAMP)
 	$(PY) -m conversion.build_models --profile $(PROFILE) --encoder $(ENCODER) $(if $(MODEL),--model $(MODEL)) \
-		--ranker $(RANKER) $(if $(ENCODER_REPORT),--report-markdown $(ENCODER_REPORT)) --manifest $(MANIFEST)
+		--ranker $(RANKER) $(if $(ENCODER_REPORT),--report-markdown $(ENCODER_REPORT)) --manifest $(MANIFEST) \
+		$(if $(EVAL_TEXTS),--eval-texts $(EVAL_TEXTS)) $(if $(DISTILL_TEXTS),--distill-texts $(DISTILL_TEXTS))
 	$(PY) -m model_repository.render --artifacts $(MANIFEST) --out $(REPOSITORY)
 
 # REPLICAS=N > 1: N servers on HTTP_PORT+10*i (+1 gRPC, +2 metrics); it prints the client target

@@ -17,9 +17,10 @@ import numpy as np
 
 from conversion import stages
 from conversion.catalog_generator import Catalog, CatalogSettings, build_catalog
-from conversion.compress_encoder import CompressSettings, build_compressed_encoder
+from conversion.compress_encoder import CompressSettings
 from conversion.export_encoder import ENCODER_ONNX, TOKENIZER_JSON, EncoderExportSettings, export_encoder
 from conversion.prune_encoder import PruneSettings
+from conversion.served_encoder import EncoderGate, UnprunedInt8Settings, choose_served_encoder
 from model_repository import spec
 from model_repository.runtime import (BucketTokenizer, CatalogTables, encode_texts, ort_session, stored_embeddings,
                                       user_bucket)
@@ -33,8 +34,12 @@ STAGE = "05-catalog-artifact"
 class CatalogArtifactSettings:
     encoder: EncoderExportSettings = field(default_factory=EncoderExportSettings)
     catalog: CatalogSettings = field(default_factory=CatalogSettings)
-    # The served encoder: pruned + INT8 by default; None serves (and encodes with) the FP32 export.
+    # The served encoder's candidates: pruned + INT8 first, then the unpruned SmoothQuant INT8; the
+    # first that passes `gate` is served (conversion.served_encoder). compression=None serves (and
+    # encodes with) the FP32 export, and then unpruned and gate are None too.
     compression: CompressSettings | None = field(default_factory=CompressSettings)
+    unpruned: UnprunedInt8Settings | None = field(default_factory=UnprunedInt8Settings)
+    gate: EncoderGate | None = field(default_factory=EncoderGate)
     batch_size: int = 64
     # Bumped when the artifact's contents change for the same inputs (v2: user bucket hash,
     # v3: item-id hash column, v4: item id hash index).
@@ -49,22 +54,35 @@ class CatalogArtifactSettings:
         if self.compression is not None and (self.compression.prune.teacher != self.encoder
                                              or self.compression.prune.catalog != self.catalog):
             raise ValueError("compression settings must use the same encoder and catalog as the artifact")
+        if self.unpruned is not None and (self.unpruned.teacher != self.encoder or self.unpruned.catalog != self.catalog):
+            raise ValueError("unpruned INT8 settings must use the same encoder and catalog as the artifact")
+        if self.compression is not None and self.gate is None:
+            raise ValueError("a compressed encoder needs a gate (EncoderGate)")
 
     @classmethod
     def compose(cls, encoder: EncoderExportSettings = EncoderExportSettings(),
                 catalog: CatalogSettings = CatalogSettings(), prune: PruneSettings | None = PruneSettings(),
+                gate: EncoderGate | None = None, unpruned: UnprunedInt8Settings | None = UnprunedInt8Settings(),
                 **compress) -> "CatalogArtifactSettings":
-        """Settings whose nested copies of encoder and catalog agree; prune=None serves FP32."""
-        compression = None if prune is None else CompressSettings(
-            prune=dataclasses.replace(prune, teacher=encoder, catalog=catalog), **compress)
-        return cls(encoder=encoder, catalog=catalog, compression=compression)
+        """Settings whose nested copies of encoder and catalog agree; prune=None serves FP32.
+
+        gate: None = the default gate on the bundled broad set; unpruned=None: no fallback candidate."""
+        if prune is None:
+            return cls(encoder=encoder, catalog=catalog, compression=None, unpruned=None, gate=None)
+        compression = CompressSettings(prune=dataclasses.replace(prune, teacher=encoder, catalog=catalog), **compress)
+        gate = gate if gate is not None else EncoderGate.for_texts(None)
+        if unpruned is None:
+            gate = dataclasses.replace(gate, candidates=tuple(c for c in gate.candidates if c != "unpruned int8"))
+        else:
+            unpruned = dataclasses.replace(unpruned, teacher=encoder, catalog=catalog)
+        return cls(encoder=encoder, catalog=catalog, compression=compression, unpruned=unpruned, gate=gate)
 
 
 def served_encoder(settings: CatalogArtifactSettings) -> Path:
     """The encoder folder this artifact is encoded with and served beside (built if needed)."""
     if settings.compression is None:
         return export_encoder(settings.encoder)
-    return build_compressed_encoder(settings.compression)
+    return choose_served_encoder(settings.encoder, settings.compression, settings.unpruned, settings.gate)
 
 
 def feature_tables(catalog: Catalog, item_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -96,11 +96,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m conversion.compress_encoder", description=__doc__.splitlines()[0])
     p.add_argument("--keep-flops", type=float, default=d.keep_flops, help="fraction of the teacher's FLOPs to keep")
     p.add_argument("--steps", type=int, default=d.distill_steps, help="distillation steps")
+    p.add_argument("--generated-texts", type=int, default=d.generated_texts,
+                   help="vocabulary pseudo-texts added to distillation (default %(default)s)")
+    p.add_argument("--distill-texts", type=Path,
+                   help="add this file's texts (UTF-8, one per line) to distillation; the FP32 teacher labels them")
     p.add_argument("--force", action="store_true", help="rebuild even if the stage folder is complete")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    prune = PruneSettings(keep_flops=args.keep_flops, distill_steps=args.steps)
     try:
+        extra = {}
+        if args.distill_texts is not None:  # checked before any build work
+            from conversion.generated_text import load_text_file, texts_sha256
+
+            extra = {"extra_texts": str(args.distill_texts.resolve()),
+                     "extra_texts_sha256": texts_sha256(load_text_file(args.distill_texts))}
+        prune = PruneSettings(keep_flops=args.keep_flops, distill_steps=args.steps,
+                              generated_texts=args.generated_texts, **extra)
         folder = build_compressed_encoder(CompressSettings(prune=prune), force=args.force)
     except (ExportFidelityError, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -54,6 +54,8 @@ def variants(fp32_dir: Path, compressed_dir: Path) -> dict[str, Path]:
             INT8: compressed_dir / ENCODER_ONNX, QDQ: compressed_dir / QDQ_ONNX}
 
 
+# The unpruned SmoothQuant INT8 candidate (conversion.served_encoder), when the gate tried it.
+UNPRUNED_INT8, UNPRUNED_QDQ = "unpruned+smoothquant int8 (ORT CPU)", "unpruned+smoothquant qdq (TensorRT)"
 UNPRUNED_DYNAMIC = "fp32+dynamic int8, unpruned (comparison)"
 UNPRUNED_STATIC = "fp32+static int8, unpruned (comparison)"
 
@@ -143,13 +145,14 @@ def measure_fidelity(paths: dict[str, Path], tok: BucketTokenizer,
     return {name: {s: fidelity(emb["fp32"][s], e) for s, e in sets.items()} for name, sets in emb.items()}
 
 
-def targets(rows: dict[str, dict]) -> dict[str, dict]:
-    """Each target with its value and verdict; fidelity values are the broad set's, the catalog's ride beside."""
-    base, int8 = rows["fp32"], rows[INT8]
-    out = {"throughput_ratio_32x32": {"variant": INT8,
+def targets(rows: dict[str, dict], served: tuple[str, str] = (INT8, QDQ)) -> dict[str, dict]:
+    """Each target with its value and verdict, for the served variant (its INT8 graph, its Q/DQ graph);
+    fidelity values are the broad set's, the catalog's ride beside."""
+    base, int8 = rows["fp32"], rows[served[0]]
+    out = {"throughput_ratio_32x32": {"variant": served[0],
                                       "value": int8["throughput_32x32"] / base["throughput_32x32"]},
-           "latency_ratio_1x16": {"variant": INT8, "value": base["latency_1x16_ms"] / int8["latency_1x16_ms"]}}
-    for variant, prefix in GATED.items():
+           "latency_ratio_1x16": {"variant": served[0], "value": base["latency_1x16_ms"] / int8["latency_1x16_ms"]}}
+    for variant, prefix in zip(served, GATED.values()):
         f = rows[variant]["fidelity"]
         for metric in FIDELITY:
             out[prefix + metric] = {"variant": variant, "set": BROAD, "value": f[BROAD][metric],
@@ -161,10 +164,17 @@ def targets(rows: dict[str, dict]) -> dict[str, dict]:
 
 
 def build_report(fp32_dir: Path, compressed_dir: Path, catalog: CatalogSettings, rounds: int = 3,
-                 eval_texts: EvalTexts | None = None, unpruned_dir: Path | None = None) -> dict:
+                 eval_texts: EvalTexts | None = None, unpruned_dir: Path | None = None,
+                 served_dir: Path | None = None, selection: dict | None = None) -> dict:
     """eval_texts: the broad set the gate judges (default: the bundled one, conversion/broad_text.py).
-    unpruned_dir: also quantize the unpruned export there and report it (rows not judged by the targets)."""
+    unpruned_dir: also quantize the unpruned export there and report it (rows not judged by the targets).
+    served_dir: the unpruned SmoothQuant INT8 folder when the gate chose it (its rows are then the ones
+    the targets judge); selection: the gate's choice record (conversion.served_encoder), reported."""
     paths = variants(fp32_dir, compressed_dir)
+    served = (INT8, QDQ)
+    if served_dir is not None and Path(served_dir) != Path(compressed_dir):
+        paths.update({UNPRUNED_INT8: Path(served_dir) / ENCODER_ONNX, UNPRUNED_QDQ: Path(served_dir) / QDQ_ONNX})
+        served = (UNPRUNED_INT8, UNPRUNED_QDQ)
     if unpruned_dir is not None:
         paths.update(unpruned_int8(fp32_dir, compressed_dir, unpruned_dir))
     missing = [str(p) for p in paths.values() if not p.is_file()]
@@ -181,14 +191,15 @@ def build_report(fp32_dir: Path, compressed_dir: Path, catalog: CatalogSettings,
     speed = measure_speed(paths, tok, queries, titles, rounds=rounds)
     fid = measure_fidelity(paths, tok, {BROAD: (broad.queries, broad.titles), CATALOG: (queries, titles)})
     for name, path in paths.items():
-        which = "teacher" if name in ("fp32", UNPRUNED_DYNAMIC, UNPRUNED_STATIC) else "pruned"
+        which = ("teacher" if name in ("fp32", UNPRUNED_DYNAMIC, UNPRUNED_STATIC, UNPRUNED_INT8, UNPRUNED_QDQ)
+                 else "pruned")
         # The top-level fidelity keys are the gated (broad) set's, so readers of one number
         # (encoder_frontier, dashboards) see what the gate sees.
         rows[name] = {"parameters": params[which], "gflops_seq16": flops["16"][which] / 1e9,
                       "gflops_seq32": flops["32"][which] / 1e9,
                       "size_mb": path.stat().st_size / 2**20, **speed[name], **fid[name][BROAD],
                       "fidelity": fid[name]}
-    return {"variants": rows, "targets": targets(rows),
+    return {"variants": rows, "targets": targets(rows, served), "served": served[0], "selection": selection,
             "eval": {BROAD: broad.summary(),
                      CATALOG: {"source": f"catalog {catalog} held-out split (conversion.prune_encoder.split_texts)",
                                "queries": len(queries), "titles": len(titles)}},
@@ -196,7 +207,8 @@ def build_report(fp32_dir: Path, compressed_dir: Path, catalog: CatalogSettings,
             "machine": {"cpus": os.cpu_count(), "cpu": _cpu_name(), "cpu_flags": _cpu_flags(),
                         "python": platform.python_version(), "ort_threads": THREADS},
             "date": datetime.date.today().isoformat(),
-            "folders": {"fp32": str(fp32_dir), "compressed": str(compressed_dir)}}
+            "folders": {"fp32": str(fp32_dir), "compressed": str(compressed_dir),
+                        "served": str(served_dir or compressed_dir)}}
 
 
 def _cpu_flags(wanted: Sequence[str] = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")) -> list[str]:
@@ -258,6 +270,7 @@ def markdown(report: dict, command: str) -> str:
         cat_value = f"{t['catalog_heldout']:.3f}" if "catalog_heldout" in t else "n/a"
         lines.append(f"| {k} | {t['variant']} | >= {t['target']} | {t['value']:.3f} | {cat_value} | "
                      f"{'PASS' if t['pass'] else 'FAIL'} |")
+    lines += selection_markdown(report.get("selection"))
     p = report["pruning"]
     lines += ["", f"Pruned structure: {p['structure']['layers']} layers, heads per layer {p['structure']['heads']}, "
               f"FFN widths {p['structure']['ffn']}; {p['keep_flops_achieved']:.3f} of the teacher's FLOPs at seq 16. "
@@ -265,6 +278,28 @@ def markdown(report: dict, command: str) -> str:
               f"{p['distill']['train_texts']} texts.", "",
               f"ORT INT8 settings: `{json.dumps(report['int8_settings'], default=str)}`.", ""]
     return "\n".join(lines)
+
+
+def selection_markdown(choice: dict | None) -> list[str]:
+    """The gate's choice: every candidate tried (both graphs, both sets), the one served and why."""
+    if not choice:
+        return []
+    gate = choice["gate"]
+    lines = ["", "## Served encoder: the fastest candidate that passes the gate", "",
+             f"Gate: mean cosine >= {gate['mean_cosine']} and top-10 overlap >= {gate['top10_overlap']} on the "
+             f"{gate['set']} set, for the INT8 graph served on CPU and the TensorRT Q/DQ graph (scored in ORT CPU). "
+             f"Candidates in speed order: {', '.join(choice['candidates_in_speed_order'])}.", "",
+             "| candidate | graph | broad mean cos | broad top-10 | catalog mean cos | catalog top-10 | verdict |",
+             "|---|---|---:|---:|---:|---:|---|"]
+    for t in choice["tried"]:
+        for graph, label in (("int8", "ORT INT8 (encoder.onnx)"), ("qdq", "Q/DQ (encoder.qdq.onnx)")):
+            f = t["fidelity"][graph]
+            ok = all(f[BROAD][m] >= gate[m] for m in FIDELITY)
+            lines.append(f"| {t['candidate']} | {label} | {f[BROAD]['mean_cosine']:.4f} | {f[BROAD]['top10_overlap']:.3f} | "
+                         f"{f[CATALOG]['mean_cosine']:.4f} | {f[CATALOG]['top10_overlap']:.3f} | "
+                         f"{'PASS' if ok else 'FAIL'} |")
+    lines += ["", f"**Served: {choice['chosen']}** (`{choice['folder']}`): {choice['reason']}."]
+    return lines
 
 
 def write_report(report: dict, json_path: Path, md_path: Path | None, command: str) -> None:

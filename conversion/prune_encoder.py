@@ -65,6 +65,14 @@ class PruneSettings:
     sparsity_2to4: bool = False
     checkpoint_every: int = 100
     seed: int = 0
+    # Distillation text beyond the catalog's train split: pseudo-texts of whole words from the
+    # tokenizer's vocabulary (conversion.generated_text; seeded), so the student sees words the
+    # 20-category catalog never writes. Never the broad eval set.
+    generated_texts: int = 20000
+    # A user's texts (`--distill-texts FILE`); the sha256 of its texts keys the stage, so an edited
+    # file re-distils. "" = none.
+    extra_texts: str = ""
+    extra_texts_sha256: str = ""
 
     def __post_init__(self):
         if not 0.0 < self.keep_flops <= 1.0:
@@ -373,6 +381,20 @@ def distill(student: PooledEncoder, teacher_emb: torch.Tensor, texts: list[str],
     return losses
 
 
+def distillation_texts(settings: PruneSettings, catalog_train: Sequence[str]) -> list[str]:
+    """The catalog's train split, then the vocabulary pseudo-texts, then the user's file (each text once)."""
+    from conversion.generated_text import load_text_file, texts_sha256, vocabulary_texts
+
+    generated = vocabulary_texts(export_encoder(settings.teacher) / TOKENIZER_JSON, settings.generated_texts,
+                                 seed=settings.seed + 1)
+    extra: tuple[str, ...] = ()
+    if settings.extra_texts:
+        extra = load_text_file(settings.extra_texts)
+        if settings.extra_texts_sha256 and texts_sha256(extra) != settings.extra_texts_sha256:
+            raise ValueError(f"{settings.extra_texts} changed since the settings were made (sha256 differs)")
+    return list(dict.fromkeys([*catalog_train, *generated, *extra]))
+
+
 def _params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
@@ -398,6 +420,7 @@ def prune_and_distill(settings: PruneSettings, checkpoint: Path | None = None, p
     head_scores, neuron_scores = measure_importance(teacher, tok, sample)
     structure = plan_pruning(config, head_scores, neuron_scores, settings, drop)
     full = full_structure(config)
+    train = distillation_texts(settings, train)
     teacher_emb = teacher_embeddings(settings.teacher, train, progress)
     student, _ = load_torch_encoder(settings.teacher.model, settings.teacher.max_length)
     shrink(student, structure)
@@ -418,7 +441,9 @@ def prune_and_distill(settings: PruneSettings, checkpoint: Path | None = None, p
         "heldout_title_cosine": {"before_distillation": before, "after_distillation": after},
         "distill": {"steps": len(losses), "first_loss": float(np.mean(losses[:10])) if losses else None,
                     "last_loss": float(np.mean(losses[-10:])) if losses else None,
-                    "seconds": round(time.perf_counter() - t0, 1), "train_texts": len(train)},
+                    "seconds": round(time.perf_counter() - t0, 1), "train_texts": len(train),
+                    "catalog_texts": len(texts["train"]), "generated_texts": settings.generated_texts,
+                    "extra_texts": settings.extra_texts, "extra_texts_sha256": settings.extra_texts_sha256},
         "sparsity_2to4": settings.sparsity_2to4,
         "head_importance": np.round(head_scores, 5).tolist(),
     }

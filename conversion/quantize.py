@@ -92,9 +92,19 @@ class OrtInt8Settings:
     # (num_heads, hidden_size): fuse BERT attention with onnxruntime.transformers first, so "Attention"
     # in op_types becomes QAttention. One head count for the whole graph: not for non-uniformly pruned models.
     bert_fusion: tuple[int, int] | None = None
+    # Node names (exact, as in the graph) left in float: ORT's quantizer never touches them.
+    nodes_to_exclude: tuple[str, ...] = ()
+    # SmoothQuant pre-pass (smooth_quant below): for the MatMuls whose name matches smooth_nodes (a regex),
+    # move alpha of each input channel's activation range into the weight before quantizing. None: off.
+    smooth_alpha: float | None = None
+    smooth_nodes: str = r".*/intermediate/dense/MatMul"
 
     def __post_init__(self):
         _check_choice("mode", self.mode, {"dynamic", "static"})
+        if self.smooth_alpha is not None and not 0.0 <= self.smooth_alpha <= 1.0:
+            raise ValueError(f"smooth_alpha must be in [0, 1], got {self.smooth_alpha}")
+        if self.smooth_alpha is not None and self.mode != "static":
+            raise ValueError("smooth_alpha needs calibration feeds: mode='static' only")
         _check_choice("weight_type", self.weight_type, _QTYPES)
         _check_choice("activation_type", self.activation_type, _QTYPES)
         _check_choice("calibration_method", self.calibration_method, _ORT_CALIBRATION)
@@ -255,8 +265,85 @@ def _weighted_nodes(onnx_path: Path, op_types: Sequence[str]) -> list[str]:
     return [n.name for n in graph.node if (not op_types or n.op_type in op_types) and floats & set(n.input[:2])]
 
 
-def _prepare_source(fp32: Path, tmp: Path, settings: OrtInt8Settings, notes: dict) -> Path:
+# ---- SmoothQuant -------------------------------------------------------------------------------
+
+
+def input_channel_amax(onnx_path: Path, tensors: Sequence[str], feeds: Sequence[dict[str, np.ndarray]]
+                       ) -> dict[str, np.ndarray]:
+    """max |x| per last-axis channel of each named tensor over the feeds (ORT CPU, graph as written)."""
+    model = onnx.load(str(onnx_path))
+    known = {o.name for o in model.graph.output}
+    model.graph.output.extend(helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None)
+                              for t in dict.fromkeys(tensors) if t not in known)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    names = list(dict.fromkeys(tensors))
+    amax: dict[str, np.ndarray] = {}
+    for feed in feeds:
+        for name, value in zip(names, session.run(names, feed)):
+            m = np.abs(value.reshape(-1, value.shape[-1])).max(axis=0)
+            amax[name] = np.maximum(amax[name], m) if name in amax else m
+    return amax
+
+
+def smooth_quant(fp32_onnx: Path, out_onnx: Path, feeds: Sequence[dict[str, np.ndarray]], alpha: float = 0.5,
+                 node_pattern: str = r".*/intermediate/dense/MatMul", min_scale: float = 1e-3) -> dict:
+    """SmoothQuant (Xiao et al. 2023) on the MatMuls named by node_pattern, written as a new FP32 graph.
+
+    For a MatMul y = x W with W [K, N] a constant, per input channel j:
+    s_j = max(amax_j ** alpha / max_k |W_jk| ** (1 - alpha), min_scale), amax_j = max |x_j| over the feeds.
+    W becomes diag(s) W and an FP32 Mul(x, 1/s) goes in front of the MatMul, so the graph computes the
+    same function (up to float rounding) while the activation's outlier channels shrink and the weight's
+    rows grow: one per-tensor activation scale then covers x / s far better than x. Returns a summary."""
+    fp32, out_onnx = _require_model(fp32_onnx), Path(out_onnx)
+    validate_feeds(fp32, feeds)
+    model = onnx.load(str(fp32))
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    users = Counter(x for n in g.node for x in n.input)
+    targets = [n for n in g.node if n.op_type == "MatMul" and re.fullmatch(node_pattern, n.name)
+               and n.input[1] in inits and len(inits[n.input[1]].dims) == 2]
+    if not targets:
+        raise QuantizationError(f"smooth_quant: no MatMul with a 2-D constant weight matches {node_pattern!r}")
+    amax = input_channel_amax(fp32, [n.input[0] for n in targets], feeds)
+    summary = {"alpha": alpha, "node_pattern": node_pattern, "min_scale": min_scale, "nodes": {}}
+    for node in targets:
+        w_init = inits[node.input[1]]
+        w = numpy_helper.to_array(w_init).astype(np.float32)
+        a = amax[node.input[0]].astype(np.float64)
+        wmax = np.abs(w).max(axis=1).astype(np.float64)
+        s = np.maximum(a ** alpha / np.maximum(wmax, 1e-12) ** (1 - alpha), min_scale)
+        scaled = (w * s[:, None]).astype(np.float32)
+        if users[w_init.name] > 1:  # shared weight: leave the original for its other readers
+            new_w = numpy_helper.from_array(scaled, f"{w_init.name}_smoothed")
+            g.initializer.append(new_w)
+        else:
+            w_init.CopyFrom(numpy_helper.from_array(scaled, w_init.name))
+            new_w = w_init
+        inv = numpy_helper.from_array((1.0 / s).astype(np.float32), f"{node.name}/smooth_inv_scale")
+        g.initializer.append(inv)
+        x_smoothed = f"{node.input[0]}/smoothed_for/{node.name}"
+        mul = helper.make_node("Mul", [node.input[0], inv.name], [x_smoothed], name=f"{node.name}/SmoothQuantMul")
+        g.node.insert(list(g.node).index(node), mul)
+        node.input[0], node.input[1] = x_smoothed, new_w.name
+        summary["nodes"][node.name] = {"channels": int(len(s)), "act_amax_max": float(a.max()),
+                                       "act_amax_max_smoothed": float((a / s).max()),
+                                       "scale_min": float(s.min()), "scale_max": float(s.max())}
+    onnx.checker.check_model(model)
+    _write_atomic(out_onnx, lambda p: onnx.save(model, str(p)))
+    log.info("SmoothQuant (alpha %s) on %d MatMuls -> %s", alpha, len(targets), out_onnx)
+    return summary
+
+
+def _prepare_source(fp32: Path, tmp: Path, settings: OrtInt8Settings, notes: dict,
+                    feeds: Sequence[dict[str, np.ndarray]] | None = None) -> Path:
     src = fp32
+    if settings.smooth_alpha is not None:
+        notes["smooth_quant"] = smooth_quant(src, tmp / "smoothed.onnx", feeds, settings.smooth_alpha,
+                                             settings.smooth_nodes)
+        src = tmp / "smoothed.onnx"
     if settings.bert_fusion:
         from onnxruntime.transformers.optimizer import optimize_model
 
@@ -283,8 +370,12 @@ def _prepare_source(fp32: Path, tmp: Path, settings: OrtInt8Settings, notes: dic
 
 
 def quantize_ort_int8(fp32_onnx: Path, out_onnx: Path, settings: OrtInt8Settings = OrtInt8Settings(),
-                      calibration_feeds: list[dict[str, np.ndarray]] | None = None) -> dict:
-    """FP32 ONNX -> ONNX Runtime INT8 model at out_onnx (+ report JSON); returns the report."""
+                      calibration_feeds: list[dict[str, np.ndarray]] | None = None,
+                      smoothed_out: Path | None = None) -> dict:
+    """FP32 ONNX -> ONNX Runtime INT8 model at out_onnx (+ report JSON); returns the report.
+
+    smoothed_out: with settings.smooth_alpha, also keep the smoothed FP32 graph there (what a
+    TensorRT Q/DQ graph of the same model should be made from)."""
     from onnxruntime.quantization import quantize_dynamic, quantize_static
 
     fp32, out_onnx = _require_model(fp32_onnx), Path(out_onnx)
@@ -294,14 +385,18 @@ def quantize_ort_int8(fp32_onnx: Path, out_onnx: Path, settings: OrtInt8Settings
     with _scratch(out_onnx) as tmp:
         tmp_out = Path(tmp) / out_onnx.name
         notes: dict = {}
-        src = _prepare_source(fp32, Path(tmp), settings, notes)
+        src = _prepare_source(fp32, Path(tmp), settings, notes, calibration_feeds)
+        if smoothed_out is not None and settings.smooth_alpha is not None:
+            _write_atomic(Path(smoothed_out), lambda p: shutil.copyfile(src, p))
         common = dict(op_types_to_quantize=list(settings.op_types) or None, per_channel=settings.per_channel,
-                      reduce_range=settings.reduce_range, weight_type=_QTYPES[settings.weight_type])
+                      reduce_range=settings.reduce_range, weight_type=_QTYPES[settings.weight_type],
+                      nodes_to_exclude=list(settings.nodes_to_exclude))
         if settings.mode == "dynamic":
             # The type hint matters after BERT fusion: shape inference gives no types past com.microsoft ops.
             quantize_dynamic(src, tmp_out, extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT}, **common)
         else:
-            weighted = dict(nodes_to_quantize=_weighted_nodes(src, settings.op_types),
+            excluded = set(settings.nodes_to_exclude)
+            weighted = dict(nodes_to_quantize=[n for n in _weighted_nodes(src, settings.op_types) if n not in excluded],
                             extra_options={"OpTypesToExcludeOutputQuantization": list(settings.op_types)})
             quantize_static(src, tmp_out, FeedReader(calibration_feeds), quant_format=QuantFormat.QDQ,
                             activation_type=_QTYPES[settings.activation_type],

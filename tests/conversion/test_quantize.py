@@ -301,3 +301,100 @@ def test_built_encoder_qdq_is_fp16_with_the_mask_and_softmax_fp32(ci_models):
     kept = precision["kept_fp32_for_overflow"]
     assert all("Softmax" in n or "Add" in n or "Where" in n or "Constant" in n for n in kept), kept
     assert census["ops"]["fp16"] > 10 * census["ops"]["fp32"]
+
+
+# ---- SmoothQuant and exclusions -----------------------------------------------------------------------------
+
+
+def _outlier_feeds(n: int = 6, rows: int = 16, seed: int = 3) -> list[dict[str, np.ndarray]]:
+    """Inputs whose channels 0 and 5 are 30x larger than the rest: the outliers SmoothQuant is for."""
+    rng = np.random.default_rng(seed)
+    feeds = [{"X": rng.standard_normal((rows, D_IN)).astype(np.float32)} for _ in range(n)]
+    for f in feeds:
+        f["X"][:, [0, 5]] *= 30.0
+    return feeds
+
+
+@pytest.mark.parametrize("pattern", ["fc1", "fc2", "fc.*"])
+def test_smoothed_fp32_graph_computes_the_same_function(fp32, tmp_path, pattern):
+    out = tmp_path / "smoothed.onnx"
+    summary = q.smooth_quant(fp32, out, _outlier_feeds(), alpha=0.5, node_pattern=pattern)
+    assert set(summary["nodes"]) == {n for n in ("fc1", "fc2") if __import__("re").fullmatch(pattern, n)}
+    graph = onnx.load(str(out)).graph
+    muls = [n for n in graph.node if n.op_type == "Mul"]
+    assert len(muls) == len(summary["nodes"])
+    for name in summary["nodes"]:  # the MatMul now reads the Mul's output, and its weight changed
+        node = next(n for n in graph.node if n.name == name)
+        assert any(m.output[0] == node.input[0] for m in muls)
+    # Held-out feeds, including the outlier channels: the same outputs within float rounding.
+    for feed in _outlier_feeds(n=2, seed=11) + _feeds(n=2, seed=12):
+        ref, got = _run(fp32, feed["X"]), _run(out, feed["X"])
+        assert np.abs(got - ref).max() <= 1e-4 * max(1.0, np.abs(ref).max()), np.abs(got - ref).max()
+
+
+def test_smoothing_moves_the_outliers_into_the_weight(fp32, tmp_path):
+    feeds = _outlier_feeds()
+    summary = q.smooth_quant(fp32, tmp_path / "s.onnx", feeds, alpha=0.5, node_pattern="fc1")["nodes"]["fc1"]
+    assert summary["act_amax_max"] > 50  # the 30x channels
+    assert summary["act_amax_max_smoothed"] < summary["act_amax_max"] / 3
+    # the formula: s_j = max(amax_j^0.5 / max_k |W_jk|^0.5, 1e-3)
+    w = numpy_helper.to_array(next(t for t in onnx.load(str(fp32)).graph.initializer if t.name == "w1"))
+    amax = np.max([np.abs(f["X"]).max(0) for f in feeds], axis=0)
+    s = np.maximum(amax ** 0.5 / np.abs(w).max(1) ** 0.5, 1e-3)
+    smoothed = onnx.load(str(tmp_path / "s.onnx")).graph
+    w_new = numpy_helper.to_array(next(t for t in smoothed.initializer if t.name == "w1"))
+    np.testing.assert_allclose(w_new, w * s[:, None], rtol=1e-5)
+
+
+def test_smooth_quant_refuses_a_pattern_that_matches_nothing(fp32, tmp_path):
+    with pytest.raises(q.QuantizationError, match="no MatMul"):
+        q.smooth_quant(fp32, tmp_path / "s.onnx", _feeds(), node_pattern="attention.*")
+
+
+def test_static_int8_with_smoothing_keeps_the_smoothed_graph_and_stays_close(fp32, tmp_path):
+    settings = q.OrtInt8Settings(mode="static", reduce_range=True, smooth_alpha=0.5, smooth_nodes="fc1")
+    out, smoothed = tmp_path / "int8.onnx", tmp_path / "smoothed.onnx"
+    report = q.quantize_ort_int8(fp32, out, settings, _outlier_feeds(), smoothed_out=smoothed)
+    assert set(report["smooth_quant"]["nodes"]) == {"fc1"}
+    assert "Mul" in _ops(smoothed) and "DequantizeLinear" not in _ops(smoothed)
+    assert "DequantizeLinear" in _ops(out)
+    x = _outlier_feeds(n=1, rows=64, seed=21)[0]["X"]
+    ref, got = _run(fp32, x), _run(out, x)
+    cos = (ref * got).sum(1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1))
+    assert cos.mean() > 0.99
+
+
+def test_smoothing_needs_static_mode():
+    with pytest.raises(ValueError, match="static"):
+        q.OrtInt8Settings(mode="dynamic", smooth_alpha=0.5)
+    with pytest.raises(ValueError, match="smooth_alpha"):
+        q.OrtInt8Settings(mode="static", smooth_alpha=1.5)
+
+
+def _integer_inputs(path: Path) -> dict[str, bool]:
+    """Per MatMul node: whether it reads an integer tensor (through DequantizeLinear or as MatMulInteger)."""
+    graph = onnx.load(str(path)).graph
+    producer = {o: n for n in graph.node for o in n.output}
+    out = {}
+    for n in graph.node:
+        if n.op_type in ("MatMulInteger", "QLinearMatMul"):
+            out[n.name.removesuffix("_quant")] = True
+        elif n.op_type == "MatMul":
+            out[n.name] = any(getattr(producer.get(x), "op_type", None) == "DequantizeLinear" for x in n.input[:2])
+    return out
+
+
+@pytest.mark.parametrize("mode", ["static", "dynamic"])
+def test_excluded_nodes_are_left_in_float(fp32, tmp_path, mode):
+    out = tmp_path / f"{mode}.onnx"
+    q.quantize_ort_int8(fp32, out, q.OrtInt8Settings(mode=mode, nodes_to_exclude=("fc2",)),
+                        _feeds() if mode == "static" else None)
+    integer = _integer_inputs(out)
+    assert integer["fc1"] is True, integer
+    assert integer.get("fc2") is False, integer  # still a plain MatMul on float inputs
+    fc2 = next(n for n in onnx.load(str(out)).graph.node if n.name == "fc2")
+    assert fc2.op_type == "MatMul"
+    # and without the exclusion both are quantized
+    q.quantize_ort_int8(fp32, tmp_path / "all.onnx", q.OrtInt8Settings(mode=mode),
+                        _feeds() if mode == "static" else None)
+    assert all(_integer_inputs(tmp_path / "all.onnx").values())
