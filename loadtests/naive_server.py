@@ -234,17 +234,22 @@ class NaiveServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         return service_pb2.ModelReadyResponse(ready=request.name in self.ensembles
                                               and request.version in ("", "1"))
 
+    def ServerMetadata(self, request, context):
+        return service_pb2.ServerMetadataResponse(name="naive-search-rank", version="1", extensions=[])
+
     def _ensemble(self, name: str, version: str, context) -> spec.Ensemble:
         ensemble = self.ensembles.get(name)
         if ensemble is None or version not in ("", "1"):
             context.abort(grpc.StatusCode.NOT_FOUND, f"Request for unknown model: '{name}' is not found")
         return ensemble
 
-    # Metadata and config as Triton answers them for its ensembles: what perf_analyzer reads before
-    # it sends a request, so Triton's own load tool can measure this service too (`make bench`).
+    # Metadata and config in Triton's form: what perf_analyzer reads before it sends a request, so
+    # Triton's own load tool can measure this service too (`make bench`). The service is one process,
+    # so it describes itself as one non-batching model, not an ensemble (perf_analyzer would then ask
+    # for composing models that do not exist).
     def ModelMetadata(self, request, context):
         ensemble = self._ensemble(request.name, request.version, context)
-        resp = service_pb2.ModelMetadataResponse(name=ensemble.name, versions=["1"], platform="ensemble")
+        resp = service_pb2.ModelMetadataResponse(name=ensemble.name, versions=["1"], platform="python")
         for kind, tensors in (("inputs", ensemble.inputs), ("outputs", ensemble.outputs)):
             for t in tensors:
                 getattr(resp, kind).add(name=t.name, datatype=t.dtype, shape=list(t.dims))
@@ -254,7 +259,11 @@ class NaiveServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         from model_repository.render import ensemble_config
 
         ensemble = self._ensemble(request.name, request.version, context)
-        return service_pb2.ModelConfigResponse(config=ensemble_config(ensemble))
+        config = ensemble_config(ensemble)
+        config.ClearField("platform")
+        config.ClearField("ensemble_scheduling")
+        config.backend = "python"
+        return service_pb2.ModelConfigResponse(config=config)
 
 
 def serve(model: NaiveSearchRank, host: str, port: int, workers: int = DEFAULT_WORKERS) -> tuple[grpc.Server, int]:

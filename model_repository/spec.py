@@ -163,7 +163,10 @@ def item_embedding(dim: int) -> Tensor:
 DEFAULT_QUEUE_POLICY = QueuePolicy(timeout_us=100_000)
 
 # Batching of the two python models, tuned from the table in docs/architecture.md ("Batching").
-ENCODER_BATCHING = DynamicBatching(max_queue_delay_us=500)
+# 1000 µs: measured against 0, 500 and 2000 with `make bench-batching` (docs/architecture.md,
+# "Batching"): at concurrency 4-16 it fills batches of 4-8 and serves the most requests per second,
+# and costs about a millisecond at concurrency 1.
+ENCODER_BATCHING = DynamicBatching(max_queue_delay_us=1000)
 RANKER_BATCHING = DynamicBatching(max_queue_delay_us=300)
 ENCODER_MAX_BATCH = 8
 # Requests (not rows) per ranker execution: 8 x 1000 candidates is one 8000-row ORT call.
