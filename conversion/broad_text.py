@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from conversion.generated_text import read_utf8
+
 log = logging.getLogger(__name__)
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
@@ -66,15 +68,7 @@ class EvalTexts:
 
 
 def _read_lines(path: Path) -> list[str]:
-    try:
-        raw = Path(path).read_bytes()
-    except OSError as e:
-        raise EvalTextsError(f"{path}: cannot read ({e.strerror or e})") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise EvalTextsError(f"{path}: not UTF-8 (byte {e.start})") from None
-    lines = text.splitlines()
+    lines = read_utf8(path, EvalTextsError).splitlines()
     if not lines:
         raise EvalTextsError(f"{path}: empty file")
     return lines

@@ -48,18 +48,23 @@ def vocabulary_texts(tokenizer_json: Path | str, n: int, seed: int = 0, min_word
     return out
 
 
+def read_utf8(path: Path, error: type[ValueError]) -> str:
+    """A text file's contents; `error` (one line naming the file) when it cannot be read or is not UTF-8."""
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as e:
+        raise error(f"{path}: cannot read ({e.strerror or e})") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise error(f"{path}: not UTF-8 (byte {e.start})") from None
+
+
 def load_text_file(path: Path | str) -> tuple[str, ...]:
     """A user's texts: UTF-8, one per line; an optional 'query<TAB>' / 'title<TAB>' prefix is dropped
     (so an --eval-texts style file works too); blank lines are skipped; repeats kept once."""
     path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise TextFileError(f"{path}: cannot read ({e.strerror or e})") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise TextFileError(f"{path}: not UTF-8 (byte {e.start})") from None
+    text = read_utf8(path, TextFileError)
     texts = []
     for line in text.splitlines():
         kind, sep, rest = line.partition("\t")

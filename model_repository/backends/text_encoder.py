@@ -11,24 +11,21 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from model_repository import runtime, spec
-from model_repository.backends.common import BadRequest, ModelContext, input_array
-from model_repository.backends.tokenizer import decode_text
-from model_repository.runtime import BucketTokenizer, ort_session
+from model_repository.backends.common import BadRequest, ModelContext
+from model_repository.backends.tokenizer import TextInput
+from model_repository.runtime import ort_session
 
 
 class TritonPythonModel:
     def initialize(self, args):
         self.ctx = ModelContext(args)
-        buckets = tuple(int(b) for b in self.ctx.param("seq_buckets").split(","))
-        self.max_bytes = int(self.ctx.param("max_query_bytes"))
-        # Ensemble inputs that feed this model, so an error names the tensor the client sent.
-        self.label = self.ctx.param("text_label", spec.ENCODER_TEXT.name)
-        self.tokenizer = BucketTokenizer(self.ctx.version_dir / runtime.TOKENIZER_FILE, buckets)
+        self.text = TextInput(self.ctx)
+        self.tokenizer = self.text.tokenizer
         self.session = ort_session(self.ctx.version_dir / runtime.ENCODER_FILE,
                                    int(self.ctx.param("intra_op_num_threads", "1")))
         self.output = self.session.get_outputs()[0].name
         # Warm every bucket so the first real request of each length is not the slow one.
-        for length in buckets:
+        for length in self.text.buckets:
             ones = np.ones((1, length), dtype=np.int64)
             self._run(ones, ones)
 
@@ -50,8 +47,7 @@ class TritonPythonModel:
         owners: list[tuple[int, int]] = []  # (request index, how many texts it brought)
         for i, request in enumerate(requests):
             try:
-                raw = input_array(request, spec.ENCODER_TEXT.name)
-                decoded = [decode_text(x, self.label, self.max_bytes) for x in raw.reshape(-1)]
+                decoded = self.text.texts(request)
             except BadRequest as err:
                 responses[i] = self.ctx.invalid(err)
                 continue

@@ -23,22 +23,35 @@ def decode_text(raw: object, label: str, max_bytes: int) -> str:
     return text
 
 
+class TextInput:
+    """What a model that takes TEXT reads from its config: the bucketed tokenizer, the byte limit, and
+    the ensemble inputs that feed it (so an error names the tensor the client sent)."""
+
+    def __init__(self, ctx: ModelContext):
+        buckets = tuple(int(b) for b in ctx.param("seq_buckets").split(","))
+        self.buckets = buckets
+        self.max_bytes = int(ctx.param("max_query_bytes"))
+        self.label = ctx.param("text_label", spec.ENCODER_TEXT.name)
+        self.tokenizer = BucketTokenizer(ctx.version_dir / runtime.TOKENIZER_FILE, buckets)
+
+    def texts(self, request) -> list[str]:
+        """The request's texts, decoded and checked (BadRequest naming the tensor)."""
+        raw = input_array(request, spec.ENCODER_TEXT.name)
+        return [decode_text(x, self.label, self.max_bytes) for x in raw.reshape(-1)]
+
+
 class TritonPythonModel:
     def initialize(self, args):
         self.ctx = ModelContext(args)
-        buckets = tuple(int(b) for b in self.ctx.param("seq_buckets").split(","))
-        self.max_bytes = int(self.ctx.param("max_query_bytes"))
-        # Ensemble inputs that feed this model, so an error names the tensor the client sent.
-        self.label = self.ctx.param("text_label", spec.ENCODER_TEXT.name)
-        self.tokenizer = BucketTokenizer(self.ctx.version_dir / runtime.TOKENIZER_FILE, buckets)
+        self.text = TextInput(self.ctx)
+        self.tokenizer = self.text.tokenizer
         self.tokenizer.encode(["warm up the tokenizer"])
 
     def execute(self, requests):
         responses = []
         for request in requests:
             try:
-                raw = input_array(request, spec.ENCODER_TEXT.name)
-                texts = [decode_text(x, self.label, self.max_bytes) for x in raw.reshape(-1)]
+                texts = self.text.texts(request)
             except BadRequest as err:
                 responses.append(self.ctx.invalid(err))
                 continue
