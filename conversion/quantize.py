@@ -803,11 +803,17 @@ def check_qdq_structure(onnx_path: Path, op_types: Sequence[str] = ("MatMul", "G
 # ---- encoder helpers -----------------------------------------------------------------------------
 
 
+# The buckets calibration pads with: fixed here rather than read from spec.SEQ_BUCKETS, because padded
+# positions' activations enter the calibration ranges, so a new serving bucket (8 was added for short
+# queries) must not silently change the scales of every INT8 encoder built afterwards.
+CALIBRATION_BUCKETS = (16, 32, 64, 128)
+
+
 def encoder_calibration_feeds(tokenizer_json: Path, texts: list[str], batch_size: int = 32) -> list[dict]:
-    """Feeds as serving builds them: each text padded to its sequence bucket, batches of one bucket."""
+    """Feeds like serving's: each text padded to its sequence bucket (CALIBRATION_BUCKETS), batches of one bucket."""
     if not texts:
         raise CalibrationFeedError("no calibration texts")
-    tok = runtime.BucketTokenizer(tokenizer_json)
+    tok = runtime.BucketTokenizer(tokenizer_json, CALIBRATION_BUCKETS)
     by_bucket: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
     for text in texts:
         ids, mask = tok.encode([text])

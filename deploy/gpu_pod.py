@@ -24,7 +24,7 @@ CPUS_ENV = "SEARCHRANK_CPUS"
 # instances (not more threads) is what serves concurrent requests.
 RANKER_THREADS = 2
 # Buckets short search queries land in (spec.SEQ_BUCKETS): a query alone is batch 1 at one of these.
-QUERY_BUCKETS = (16, 32)
+QUERY_BUCKETS = (8, 16)
 
 
 @dataclass(frozen=True)

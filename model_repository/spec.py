@@ -20,7 +20,9 @@ from search_rank_client.contract import (ADMISSION_REFUSAL, BYTES, CANDIDATE_IDS
 # The tokenizer still truncates a query within MAX_QUERY_BYTES to the largest sequence bucket.
 # Fixed padded lengths: requests batch in Triton only when shapes match, so the tokenizer pads
 # each text to the smallest bucket that holds it.
-SEQ_BUCKETS = (16, 32, 64, 128)
+# 8: with [CLS] and [SEP], 98% of the broad set's search queries are at most 8 tokens, and the
+# served encoder runs a query padded to 8 in 2.3 ms against 3.3 ms at 16 (1 ORT thread, measured).
+SEQ_BUCKETS = (8, 16, 32, 64, 128)
 # ONNX Runtime threads per model instance; this machine class has 2 cores (docs/architecture.md).
 DEFAULT_ORT_THREADS = 2
 

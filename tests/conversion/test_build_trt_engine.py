@@ -90,14 +90,14 @@ def test_per_bucket_profiles_partition_the_single_range():
     # every length 16..128 is served by exactly one profile
     for length in range(min(spec.SEQ_BUCKETS), max(spec.SEQ_BUCKETS) + 1):
         assert sum(_fits(p[spec.INPUT_IDS.name], (1, length)) for p in profiles) == 1, length
-    assert not any(_fits(p[spec.INPUT_IDS.name], (1, 15)) for p in profiles)
+    assert not any(_fits(p[spec.INPUT_IDS.name], (1, min(spec.SEQ_BUCKETS) - 1)) for p in profiles)
 
 
 @unit
 def test_custom_opt_shape_is_used():
     s = bte.TrtBuildSettings(min_batch=2, opt_batch=64, max_batch=64, opt_sequence=128)
     (p,) = bte.optimization_profiles(s, ENCODER_NAMES)
-    assert p[spec.INPUT_IDS.name] == bte.ShapeRange((2, 16), (64, 128), (64, 128))
+    assert p[spec.INPUT_IDS.name] == bte.ShapeRange((2, min(spec.SEQ_BUCKETS)), (64, 128), (64, 128))
 
 
 @unit
@@ -144,9 +144,9 @@ SHA = "a" * 64
 @unit
 def test_engine_name_carries_precision_shapes_and_sparsity():
     name = bte.engine_name(bte.TrtBuildSettings(precision="int8-qdq", sparse_weights=True), SHA)
-    assert name.startswith("encoder.int8-qdq.b1-64.s16-128.sparse.") and name.endswith(".plan")
-    assert bte.engine_name(bte.TrtBuildSettings(), SHA).startswith("encoder.fp32.b1-64.s16-128.")
-    assert ".p4." in bte.engine_name(bte.TrtBuildSettings(profile_strategy="per-bucket"), SHA)
+    assert name.startswith(f"encoder.int8-qdq.b1-64.s{min(spec.SEQ_BUCKETS)}-128.sparse.") and name.endswith(".plan")
+    assert bte.engine_name(bte.TrtBuildSettings(), SHA).startswith(f"encoder.fp32.b1-64.s{min(spec.SEQ_BUCKETS)}-128.")
+    assert f".p{len(spec.SEQ_BUCKETS)}." in bte.engine_name(bte.TrtBuildSettings(profile_strategy="per-bucket"), SHA)
     assert bte.engine_name(bte.TrtBuildSettings(), SHA, model="ranker").startswith("ranker.")
     assert bte.engine_name(bte.TrtBuildSettings(), SHA) == bte.engine_name(bte.TrtBuildSettings(), SHA)
 
@@ -451,7 +451,7 @@ def test_fp32_engine_metadata_timing_cache_and_reuse(gpu_target, encoder_dir, fp
     plan, settings, cache = fp32_engine
     onnx_path = encoder_dir / ee.ENCODER_ONNX
     key = bte.engine_cache_key(settings, bte.sha256_file(onnx_path), gpu_target)
-    assert plan.name.startswith("encoder.fp32.b1-64.s16-128.") and plan.stat().st_size > 1_000_000
+    assert plan.name.startswith(f"encoder.fp32.b1-64.s{min(spec.SEQ_BUCKETS)}-128.") and plan.stat().st_size > 1_000_000
     assert bte.load_engine_metadata(plan)["key"] == key and bte.engine_is_reusable(plan, key)
     assert cache.is_file() and cache.stat().st_size > 0
     mtime = plan.stat().st_mtime_ns

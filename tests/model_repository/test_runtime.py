@@ -47,12 +47,12 @@ LONG = " ".join(["insulated stainless steel water bottle for kids"] * 40)  # ~30
 
 
 def test_test_texts_have_the_intended_lengths(raw_tok):
-    assert n_tokens(raw_tok, SHORT) <= 16
+    assert n_tokens(raw_tok, SHORT) <= 8
     assert 32 < n_tokens(raw_tok, MEDIUM) <= 64
     assert n_tokens(raw_tok, LONG) > 128
 
 
-@pytest.mark.parametrize("text, bucket", [(SHORT, 16), (MEDIUM, 64), (LONG, 128)])
+@pytest.mark.parametrize("text, bucket", [(SHORT, 8), (MEDIUM, 64), (LONG, 128)])
 def test_single_text_pads_to_its_bucket(bucket_tok, raw_tok, text, bucket):
     ids, mask = bucket_tok.encode([text])
     assert ids.shape == mask.shape == (1, bucket)
