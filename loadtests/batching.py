@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import shutil
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -21,9 +20,10 @@ from pathlib import Path
 
 from conversion.stages import build_root
 from loadtests.grpc_load import OK, closed_loop, percentile, repository_requests, split_cpus
+from loadtests.overload import linked_copy
 from loadtests.side_by_side import step_costs, triton_stats
 from model_repository import spec
-from model_repository.render import CONFIG, read_config, write_config
+from model_repository.render import CONFIG
 
 log = logging.getLogger(__name__)
 
@@ -41,13 +41,11 @@ class Row:
 
 def with_encoder_delay(repository: Path, out: Path, delay_us: int) -> Path:
     """A hard-linked copy of `repository` whose query encoder waits `delay_us` to fill a batch."""
-    shutil.copytree(repository, out, copy_function=os.link)
-    path = out / spec.QUERY_ENCODER / CONFIG
-    cfg = read_config(path)
-    cfg.dynamic_batching.max_queue_delay_microseconds = delay_us
-    path.unlink()  # a hard link: rewriting in place would change the original
-    write_config(cfg, path.parent)
-    return out
+    def set_delay(cfg) -> None:
+        if cfg.name == spec.QUERY_ENCODER:
+            cfg.dynamic_batching.max_queue_delay_microseconds = delay_us
+
+    return linked_copy(repository, out, set_delay)
 
 
 def measure(repository: Path, delays: list[int], concurrency: list[int], candidates: int, seconds: float,

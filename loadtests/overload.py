@@ -97,16 +97,25 @@ def summarize(name: str, calls: list[Call], offered: float, seconds: float, s: O
     return r
 
 
-def without_queue_policy(repository: Path, out: Path) -> Path:
-    """A copy of `repository` (hard links) whose configs have no queue policy: Triton's default."""
+def linked_copy(repository: Path, out: Path, change) -> Path:
+    """A copy of `repository` (hard links, so no model file is duplicated) whose configs went through
+    `change(cfg)`, which edits the parsed ModelConfig in place."""
     shutil.copytree(repository, out, copy_function=os.link)
     for path in out.glob(f"*/{CONFIG}"):
         cfg = read_config(path)
-        if cfg.HasField("dynamic_batching"):
-            cfg.dynamic_batching.ClearField("default_queue_policy")
+        change(cfg)
         path.unlink()  # a hard link: rewriting in place would change the original
         write_config(cfg, path.parent)
     return out
+
+
+def without_queue_policy(repository: Path, out: Path) -> Path:
+    """A copy of `repository` (hard links) whose configs have no queue policy: Triton's default."""
+    def drop_policy(cfg) -> None:
+        if cfg.HasField("dynamic_batching"):
+            cfg.dynamic_batching.ClearField("default_queue_policy")
+
+    return linked_copy(repository, out, drop_policy)
 
 
 def run_phase(name: str, target: str, requests: list, s: OverloadSettings) -> tuple[float, PhaseReport]:

@@ -9,6 +9,7 @@ and the composing models behind them may change without clients noticing.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 # The public contract (tensor names, dtypes, limits) is owned by the client package that services
@@ -189,8 +190,6 @@ def build_spec(embedding_dim: int, *, target: str = CPU, encoder_instances: int 
     q_emb = query_embedding(embedding_dim)
     threads = {"intra_op_num_threads": str(ort_threads)}
     text_params = {"seq_buckets": ",".join(map(str, SEQ_BUCKETS)), "max_query_bytes": str(MAX_QUERY_BYTES)}
-    first_batching = DynamicBatching(ENCODER_BATCHING.max_queue_delay_us, ENCODER_BATCHING.preferred_batch_size,
-                                     queue=queue_policy)
 
     ranker = Model(
         RANKER,
@@ -200,8 +199,7 @@ def build_spec(embedding_dim: int, *, target: str = CPU, encoder_instances: int 
         # The batch axis is requests: each brings its own [N] candidates (ragged), and the model
         # scores the rows of every request in a batch in one ORT call, then splits them back.
         max_batch_size=RANKER_MAX_REQUESTS,
-        dynamic_batching=DynamicBatching(RANKER_BATCHING.max_queue_delay_us, RANKER_BATCHING.preferred_batch_size,
-                                         queue=queue_policy),
+        dynamic_batching=dataclasses.replace(RANKER_BATCHING, queue=queue_policy),
         ragged_inputs=(CANDIDATE_IDS.name,),
         parameters={**threads, "max_candidates": str(MAX_CANDIDATES)},
     )
@@ -216,7 +214,7 @@ def build_spec(embedding_dim: int, *, target: str = CPU, encoder_instances: int 
             # and admitted calls waited behind long batches (refusals p99 0.7 s, goodput 40-105%);
             # with 8, refusals p99 137 ms, admitted p99 179 ms, goodput 105% (docs/architecture.md).
             max_batch_size=ENCODER_MAX_BATCH,
-            dynamic_batching=first_batching,
+            dynamic_batching=dataclasses.replace(ENCODER_BATCHING, queue=queue_policy),
             instance_count=encoder_instances,
             parameters={**threads, **text_params},
         )

@@ -20,7 +20,6 @@ class TritonPythonModel:
     def initialize(self, args):
         self.ctx = ModelContext(args)
         self.text = TextInput(self.ctx)
-        self.tokenizer = self.text.tokenizer
         self.session = ort_session(self.ctx.version_dir / runtime.ENCODER_FILE,
                                    int(self.ctx.param("intra_op_num_threads", "1")))
         self.output = self.session.get_outputs()[0].name
@@ -34,7 +33,7 @@ class TritonPythonModel:
 
     def encode(self, texts: list[str]) -> np.ndarray:
         out = None
-        for rows, ids, mask in self.tokenizer.encode_grouped(texts):
+        for rows, ids, mask in self.text.tokenizer.encode_grouped(texts):
             emb = self._run(ids, mask)
             if out is None:
                 out = np.empty((len(texts), emb.shape[1]), dtype=np.float32)

@@ -44,8 +44,7 @@ class TritonPythonModel:
     def initialize(self, args):
         self.ctx = ModelContext(args)
         self.text = TextInput(self.ctx)
-        self.tokenizer = self.text.tokenizer
-        self.tokenizer.encode(["warm up the tokenizer"])
+        self.text.tokenizer.encode(["warm up the tokenizer"])
 
     def execute(self, requests):
         responses = []
@@ -55,7 +54,7 @@ class TritonPythonModel:
             except BadRequest as err:
                 responses.append(self.ctx.invalid(err))
                 continue
-            ids, mask = self.tokenizer.encode(texts)
+            ids, mask = self.text.tokenizer.encode(texts)
             responses.append(pb_utils.InferenceResponse([
                 pb_utils.Tensor(spec.INPUT_IDS.name, ids),
                 pb_utils.Tensor(spec.ATTENTION_MASK.name, mask),
