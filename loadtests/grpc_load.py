@@ -41,12 +41,16 @@ class Call:
     code: str  # OK or the gRPC status name
 
 
-def search_rank_requests(catalog_dir: Path, n: int, candidates: int, seed: int, top_k: int = 10) -> list[bytes]:
-    """`n` serialized search_rank ModelInferRequests with exactly `candidates` candidates each."""
+def rank_requests(catalog_dir: Path, n: int, candidates: int, seed: int, top_k: int = 10) -> list[traffic.RankRequest]:
+    """`n` seeded search_rank requests with exactly `candidates` candidates each."""
     mix = traffic.TrafficSettings(embed_share=0.0, size_mix=((candidates, candidates, 1.0),),
                                   top_k_choices=(top_k,), top_k_weights=(1.0,))
-    stream = traffic.RequestStream(traffic.CatalogData.load(catalog_dir), mix, seed=seed)
-    return [serialize(r) for r in stream.take(n)]
+    return traffic.RequestStream(traffic.CatalogData.load(catalog_dir), mix, seed=seed).take(n)
+
+
+def search_rank_requests(catalog_dir: Path, n: int, candidates: int, seed: int, top_k: int = 10) -> list[bytes]:
+    """The same requests (`rank_requests`), serialized as ModelInferRequests."""
+    return [serialize(r) for r in rank_requests(catalog_dir, n, candidates, seed, top_k)]
 
 
 def repository_requests(repository: Path, n: int, candidates: int, seed: int) -> list[bytes]:

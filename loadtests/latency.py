@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from search_rank_client import SearchClient
 from conversion.stages import build_root
+from loadtests import traffic
 from model_repository import spec
 from model_repository.runtime import CatalogTables, served_catalog_dir
 from model_repository.triton_server import run_triton_server
@@ -45,16 +46,36 @@ def measure(client: SearchClient, item_ids: np.ndarray, candidates: int, calls: 
             "mean_ms": float(ms.mean())}
 
 
-def perf_analyzer(binary: Path, url: str, item_ids: np.ndarray, candidates: int, concurrency: int = 1,
+def fixed_requests(item_ids: np.ndarray, candidates: int) -> list[traffic.RankRequest]:
+    """The fixed query mix above, each with its own seeded draw of `candidates` catalog items."""
+    rng = np.random.default_rng(0)
+    return [traffic.RankRequest(traffic.size_class_name(candidates), q, i + 1,
+                               rng.choice(item_ids, candidates, replace=False), None)
+            for i, q in enumerate(QUERIES)]
+
+
+def perf_input_data(requests: list[traffic.RankRequest]) -> dict:
+    """perf_analyzer's --input-data for these search_rank requests, in order."""
+    rows = []
+    for r in requests:
+        row = {spec.QUERY.name: [r.query], spec.USER_ID.name: [int(r.user_id)],
+               spec.CANDIDATE_IDS.name: {"content": r.candidate_ids.astype(np.int64).tolist(),
+                                         "shape": [len(r.candidate_ids)]}}
+        if r.top_k is not None:
+            row[spec.TOP_K.name] = [int(r.top_k)]
+        rows.append(row)
+    return {"data": rows}
+
+
+def perf_analyzer(binary: Path, url: str, requests: list[traffic.RankRequest], concurrency: int = 1,
                   csv_file: Path | None = None) -> str:
     """Triton's own load tool on a server speaking the KServe v2 gRPC protocol (Triton, or the naive
-    service), `concurrency` requests in flight; `csv_file` gets its summary (read_perf_csv)."""
-    rng = np.random.default_rng(0)
-    data = {"data": [{spec.QUERY.name: [q], spec.USER_ID.name: [i + 1],
-                      spec.CANDIDATE_IDS.name: {"content": rng.choice(item_ids, candidates, replace=False).tolist(),
-                                                "shape": [candidates]}} for i, q in enumerate(QUERIES)]}
+    service), `concurrency` requests in flight, cycling through `requests`; `csv_file` gets its
+    summary (read_perf_csv). A benchmark that compares it with another load generator must pass the
+    same requests: query length moves the encoder's cost several-fold (a 4-word query against the
+    seeded traffic's tail of 100-token ones)."""
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        json.dump(data, f)
+        json.dump(perf_input_data(requests), f)
     env = dict(os.environ)
     # perf_analyzer links libcudart even without a GPU; the nvidia-cuda-runtime wheel in its venv has it.
     cudart = next(binary.resolve().parent.parent.glob("lib/python3*/site-packages/nvidia/cuda_runtime/lib"), None)
@@ -66,8 +87,10 @@ def perf_analyzer(binary: Path, url: str, item_ids: np.ndarray, candidates: int,
            "-s", "50", "--max-trials", "20", "--percentile", "99"]
     if csv_file is not None:
         cmd += ["-f", str(csv_file)]
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    os.unlink(f.name)
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    finally:
+        os.unlink(f.name)
     if out.returncode != 0:
         raise RuntimeError(f"perf_analyzer failed ({out.returncode}): {out.stderr.strip() or out.stdout[-2000:]}")
     return out.stdout
@@ -106,14 +129,13 @@ def main(argv: list[str] | None = None) -> int:
         for n in args.candidates if args.perf_analyzer else []:
             print(f"\nperf_analyzer, search_rank, {n} candidates, concurrency 1:", flush=True)
             try:
-                report = perf_analyzer(args.perf_analyzer, url, item_ids, n)
+                report = perf_analyzer(args.perf_analyzer, url, fixed_requests(item_ids, n))
             except (RuntimeError, subprocess.TimeoutExpired) as e:
                 print(f"error: {e}", file=sys.stderr)
                 failed = True
                 continue
             print("\n".join(line for line in report.splitlines() if "latency" in line.lower() or "Throughput" in line))
     return 1 if failed else 0
-    return 0
 
 
 if __name__ == "__main__":

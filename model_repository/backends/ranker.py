@@ -59,12 +59,25 @@ class TritonPythonModel:
                                    int(self.ctx.param("intra_op_num_threads", "1")))
         check_ranker_graph(self.session, dim)
         self.catalog = CatalogReloader(self.ctx.version_dir / runtime.CATALOG_FOLDER, dim, pb_utils.Logger)
-        for n in (1, 100, spec.MAX_CANDIDATES):  # warm the allocator for typical sizes
-            feeds = {}
-            for i in self.session.get_inputs():
-                dtype = np.int64 if "int64" in i.type else np.float32
-                feeds[i.name] = np.zeros([n, *i.shape[1:]], dtype=dtype)  # zeros: the cold-start row
-            self.session.run(None, feeds)
+        # Warm the whole scoring path (catalog gather, ORT's arena) up to the largest merged batch:
+        # the first batch of a never-seen size otherwise stalls every request queued behind it.
+        tables = self.catalog.tables
+        max_requests = max(1, int(self.ctx.config.get("max_batch_size", 1)))
+        some_ids = tables.item_ids[: self.max_candidates]
+        for requests in sorted({1, max_requests}):
+            self.score(tables, [(np.zeros(dim, np.float32), np.array([0], np.int64), some_ids)] * requests)
+
+    def score(self, tables, batch: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> np.ndarray:
+        """Click probabilities of every (query [d], user id [1], candidates [N]) in `batch`, one ORT
+        call, rows in batch order. The candidates of all requests are gathered from the catalog at
+        once, straight into the ranker's input (no per-request copy to concatenate afterwards)."""
+        counts = np.array([len(c) for _, _, c in batch])
+        embeddings, item_features = tables.candidate_rows(np.concatenate([c for _, _, c in batch]))
+        user_rows = tables.user_rows(np.concatenate([u.reshape(-1)[:1] for _, u, _ in batch]))
+        feeds = {self.q_name: np.repeat(np.stack([q for q, _, _ in batch]), counts, axis=0),
+                 spec.item_embedding(0).name: embeddings, spec.ITEM_FEATURES.name: item_features,
+                 spec.USER_FEATURES.name: np.repeat(tables.user_features[user_rows], counts, axis=0)}
+        return self.session.run([spec.CLICK_PROB.name], feeds)[0].reshape(-1)
 
     def _parse(self, request):
         """(query [d], user id [1], candidates [N], k) of a valid request; BadRequest names the tensor."""
@@ -87,17 +100,7 @@ class TritonPythonModel:
                 responses[i] = self.ctx.invalid(err)
         if not valid:
             return responses
-        queries, items, features, users = [], [], [], []
-        for _, query, user_id, candidates, _ in valid:
-            n = len(candidates)
-            embeddings, item_features = tables.candidate_rows(candidates)
-            queries.append(np.broadcast_to(query, (n, query.shape[0])))
-            items.append(embeddings)
-            features.append(item_features)
-            users.append(np.broadcast_to(tables.user_features[tables.user_rows(user_id)], (n, tables.user_features.shape[1])))
-        feeds = {self.q_name: np.concatenate(queries), spec.item_embedding(0).name: np.concatenate(items),
-                 spec.ITEM_FEATURES.name: np.concatenate(features), spec.USER_FEATURES.name: np.concatenate(users)}
-        probs = self.session.run([spec.CLICK_PROB.name], feeds)[0].reshape(-1)
+        probs = self.score(tables, [(query, user_id, candidates) for _, query, user_id, candidates, _ in valid])
         start = 0
         for i, _, _, candidates, k in valid:
             n = len(candidates)

@@ -2,8 +2,8 @@
 
 Tokenizing in its own model cost a python-backend crossing per request (about a millisecond of
 CPU) to do 0.05 ms of work; here every text of a dynamic batch is tokenized at once and each
-sequence bucket present in the batch is one ORT run. Texts of different lengths share a batch,
-since the model's input is the text, not padded ids.
+sequence bucket present in the batch is one ORT run, padded only to that group's longest text.
+Texts of different lengths share a batch, since the model's input is the text, not padded ids.
 """
 from __future__ import annotations
 
@@ -23,9 +23,11 @@ class TritonPythonModel:
         self.session = ort_session(self.ctx.version_dir / runtime.ENCODER_FILE,
                                    int(self.ctx.param("intra_op_num_threads", "1")))
         self.output = self.session.get_outputs()[0].name
-        # Warm every bucket so the first real request of each length is not the slow one.
-        for length in self.text.buckets:
-            ones = np.ones((1, length), dtype=np.int64)
+        # Warm every bucket so the first real request of each length is not the slow one, and the
+        # largest batch at the longest bucket so ORT's arena already holds the peak it will need.
+        max_batch = max(1, int(self.ctx.config.get("max_batch_size", 1)))
+        for shape in [(1, length) for length in self.text.buckets] + [(max_batch, self.text.buckets[-1])]:
+            ones = np.ones(shape, dtype=np.int64)
             self._run(ones, ones)
 
     def _run(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -33,7 +35,8 @@ class TritonPythonModel:
 
     def encode(self, texts: list[str]) -> np.ndarray:
         out = None
-        for rows, ids, mask in self.text.tokenizer.encode_grouped(texts):
+        # ORT on CPU runs any length: each group is padded to its longest text, not to its bucket.
+        for rows, ids, mask in self.text.tokenizer.encode_grouped(texts, pad_to_bucket=False):
             emb = self._run(ids, mask)
             if out is None:
                 out = np.empty((len(texts), emb.shape[1]), dtype=np.float32)

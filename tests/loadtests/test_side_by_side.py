@@ -52,6 +52,36 @@ def test_refusals_at_ordinary_concurrency_fail_the_bench():
 
 
 @pytest.mark.unit
+def test_perf_analyzer_input_carries_each_request_as_sent():
+    """perf_analyzer must send what the closed loop sends: its input rows are the requests
+    themselves, in order, top_k included only where the request sets it."""
+    import numpy as np
+
+    from loadtests import traffic
+    from loadtests.latency import perf_input_data
+    from model_repository import spec
+
+    reqs = [traffic.RankRequest("search_rank_100", "a much longer query than four words", 7, np.array([5, 3, 9]), 10),
+            traffic.RankRequest("search_rank_100", "shoes", 0, np.array([11]), None)]
+    rows = perf_input_data(reqs)["data"]
+    assert rows[0] == {spec.QUERY.name: ["a much longer query than four words"], spec.USER_ID.name: [7],
+                       spec.CANDIDATE_IDS.name: {"content": [5, 3, 9], "shape": [3]}, spec.TOP_K.name: [10]}
+    assert spec.TOP_K.name not in rows[1] and rows[1][spec.CANDIDATE_IDS.name]["shape"] == [1]
+
+
+@pytest.mark.unit
+def test_a_stopped_perf_analyzer_is_reported_not_dropped():
+    s = sbs.BenchSettings()
+    results = {sbs.NAIVE: sbs.ServiceResult(sbs.NAIVE, perf={"infer_per_s": 50.0, "p50_ms": 20.0, "p99_ms": 90.0}),
+               sbs.TRITON_COMPRESSED: sbs.ServiceResult(sbs.TRITON_COMPRESSED,
+                                                        perf_error="perf_analyzer failed (99): Request timeout expired")}
+    text = "\n".join(sbs.perf_section(results, s))
+    assert "| naive PyTorch FP32 | 50.0 | 20.0 | 90.0 |" in text
+    assert "stopped: perf_analyzer failed (99): Request timeout expired" in text
+    assert "ratio" not in text  # no ratio from one side only
+
+
+@pytest.mark.unit
 def test_cli_refuses_bad_settings(capsys):
     with pytest.raises(SystemExit) as e:
         sbs.main(["--candidates", "0"])

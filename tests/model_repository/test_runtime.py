@@ -93,6 +93,40 @@ def test_batch_pads_to_longest_texts_bucket(bucket_tok, raw_tok):
         assert (ids[row, n:] == pad).all()
 
 
+def test_grouped_without_bucket_padding_pads_each_group_to_its_longest_text(bucket_tok, raw_tok):
+    texts = [SHORT, MEDIUM, "hat", "red wool hat for winter"]
+    counts = [n_tokens(raw_tok, t) for t in texts]
+    groups = bucket_tok.encode_grouped(texts, pad_to_bucket=False)
+    seen = []
+    for rows, ids, mask in groups:
+        assert ids.shape == mask.shape == (len(rows), max(counts[r] for r in rows))
+        # still grouped by bucket: a short query never shares a group with the 40-token one
+        assert len({bucket_tok.bucket_for(counts[r]) for r in rows}) == 1
+        for k, r in enumerate(rows):
+            np.testing.assert_array_equal(ids[k, :counts[r]], raw_tok.encode(texts[r]).ids)
+            assert mask[k].sum() == counts[r]
+        seen += rows.tolist()
+    assert sorted(seen) == list(range(len(texts)))
+    bucketed = bucket_tok.encode_grouped(texts)
+    assert [ids.shape[1] for _, ids, _ in bucketed] == sorted({bucket_tok.bucket_for(c) for c in counts})
+
+
+def test_embeddings_do_not_depend_on_how_far_texts_are_padded(ci_models, bucket_tok):
+    """Padded positions are masked out, so trimming the padding (the CPU query encoder does) must not
+    move an embedding; checked on the built INT8 encoder, where static activation scales apply."""
+    session = ort.InferenceSession(str(ci_models["encoder"] / "encoder.onnx"), providers=["CPUExecutionProvider"])
+    texts = [SHORT, MEDIUM, "hat", "stainless steel water bottle 750 ml", "red wool hat for winter"]
+
+    def embed(groups):
+        out = np.zeros((len(texts), session.get_outputs()[0].shape[-1]), np.float32)
+        for rows, ids, mask in groups:
+            out[rows] = session.run(None, {"INPUT_IDS": ids, "ATTENTION_MASK": mask})[0]
+        return out
+
+    np.testing.assert_allclose(embed(bucket_tok.encode_grouped(texts, pad_to_bucket=False)),
+                               embed(bucket_tok.encode_grouped(texts)), atol=1e-5)
+
+
 def test_pad_id_is_the_vocabularys_pad(bucket_tok, raw_tok):
     assert bucket_tok.pad_id == raw_tok.token_to_id("[PAD]")
 
