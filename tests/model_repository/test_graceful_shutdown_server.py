@@ -2,6 +2,7 @@
 own within its exit timeout, and calls sent after the signal fail fast instead of hanging."""
 from __future__ import annotations
 
+import os
 import queue
 import signal
 import time
@@ -34,15 +35,20 @@ def test_sigterm_drains_admitted_requests_and_exits_in_time(ci_repository, tmp_p
     # A second of queued work is far past the served queue timeout, which would (rightly) refuse
     # most of it: the drain is what is tested here, on a copy without the admission policy.
     repository = without_queue_policy(ci_repository, tmp_path / "model_repository")
-    server = TritonServer(TritonSettings(repository=repository, ports=free_ports(), exit_timeout_s=exit_timeout_s))
+    one_core = (min(os.sched_getaffinity(0)),)
+    server = TritonServer(TritonSettings(repository=repository, ports=free_ports(), exit_timeout_s=exit_timeout_s,
+                                         cpus=one_core))
     server.start()
     try:
         server.wait_ready()
         client = grpcclient.InferenceServerClient(server.grpc_url)
         results: queue.Queue = queue.Queue()
-        # 1000 candidates each: about a second of work queued on two cores (two python hops serve a
-        # 1000-candidate request in about 20 ms; twelve, enough with five hops, finished before the signal)
-        n = 60
+        # 1000 candidates each, all 1000 returned, on one core (below): about half a second of queued
+        # work. The count follows the server's speed: twelve were enough with five hops; 60 on two
+        # cores all finished before the signal once the ranker gathered merged rows at once. More
+        # calls instead would not do: the client then still sends some after the 0.2 s, and those
+        # are (rightly) refused as not admitted.
+        n = 100
         for k in range(n):
             client.async_infer(spec.SEARCH_RANK, _request(k), callback=lambda result, error, k=k: results.put((k, result, error)),
                                client_timeout=60)
