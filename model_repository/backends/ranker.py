@@ -73,7 +73,7 @@ class TritonPythonModel:
         once, straight into the ranker's input (no per-request copy to concatenate afterwards)."""
         counts = np.array([len(c) for _, _, c in batch])
         embeddings, item_features = tables.candidate_rows(np.concatenate([c for _, _, c in batch]))
-        user_rows = tables.user_rows(np.concatenate([u.reshape(-1)[:1] for _, u, _ in batch]))
+        user_rows = tables.user_rows(np.concatenate([u for _, u, _ in batch]))  # one id each (validated)
         feeds = {self.q_name: np.repeat(np.stack([q for q, _, _ in batch]), counts, axis=0),
                  spec.item_embedding(0).name: embeddings, spec.ITEM_FEATURES.name: item_features,
                  spec.USER_FEATURES.name: np.repeat(tables.user_features[user_rows], counts, axis=0)}
