@@ -3,9 +3,10 @@ keeps the top K, all in one python-backend step.
 
 The batch axis of this model is requests, each with its own [N] candidates (a ragged input), so
 Triton's dynamic batcher merges concurrent requests whatever their candidate counts. The rows of
-every valid request in a batch go through one ORT call and are split back by each request's row
-count: a row's score depends on that row only, so merging never changes a score. Nothing per
-candidate crosses a model boundary; only the query embedding comes in.
+the valid requests in a batch go through ORT in runs of at most `max_rows_per_run` rows
+(backends/scoring.py) and are split back by each request's row count: a row's score depends on
+that row only, so merging never changes a score. Nothing per candidate crosses a model boundary;
+only the query embedding comes in.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import triton_python_backend_utils as pb_utils
 from model_repository import runtime, spec
 from model_repository.backends.candidates import CatalogReloader, validate_ids
 from model_repository.backends.common import BadRequest, ModelContext, input_array
+from model_repository.backends.scoring import RankerScorer
 from model_repository.backends.top_k import select_top_k, top_k_value
 from model_repository.runtime import ort_session
 
@@ -58,26 +60,23 @@ class TritonPythonModel:
         self.session = ort_session(self.ctx.version_dir / runtime.RANKER_FILE,
                                    int(self.ctx.param("intra_op_num_threads", "1")))
         check_ranker_graph(self.session, dim)
+        self.scorer = RankerScorer(self.session, self.q_name, int(self.ctx.param("max_rows_per_run")))
         self.catalog = CatalogReloader(self.ctx.version_dir / runtime.CATALOG_FOLDER, dim, pb_utils.Logger)
-        # Warm the whole scoring path (catalog gather, ORT's arena) up to the largest merged batch:
-        # the first batch of a never-seen size otherwise stalls every request queued behind it.
+        # Warm the whole scoring path (catalog gather, the reused feeds, ORT's arena) up to the largest
+        # merged batch and the longest ORT run: the first batch of a never-seen size otherwise stalls
+        # every request queued behind it.
         tables = self.catalog.tables
         max_requests = max(1, int(self.ctx.config.get("max_batch_size", 1)))
-        some_ids = tables.item_ids[: self.max_candidates]
-        for requests in sorted({1, max_requests}):
-            self.score(tables, [(np.zeros(dim, np.float32), np.array([0], np.int64), some_ids)] * requests)
+        query, user = np.zeros(dim, np.float32), np.array([0], np.int64)
+        largest = tables.item_ids[: self.max_candidates]
+        filling = tables.item_ids[: max(1, self.scorer.max_rows // max_requests)]
+        for ids, requests in [(largest, 1), (largest, max_requests), (filling, max_requests)]:
+            self.score(tables, [(query, user, ids)] * requests)
 
     def score(self, tables, batch: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> np.ndarray:
-        """Click probabilities of every (query [d], user id [1], candidates [N]) in `batch`, one ORT
-        call, rows in batch order. The candidates of all requests are gathered from the catalog at
-        once, straight into the ranker's input (no per-request copy to concatenate afterwards)."""
-        counts = np.array([len(c) for _, _, c in batch])
-        embeddings, item_features = tables.candidate_rows(np.concatenate([c for _, _, c in batch]))
-        user_rows = tables.user_rows(np.concatenate([u for _, u, _ in batch]))  # one id each (validated)
-        feeds = {self.q_name: np.repeat(np.stack([q for q, _, _ in batch]), counts, axis=0),
-                 spec.item_embedding(0).name: embeddings, spec.ITEM_FEATURES.name: item_features,
-                 spec.USER_FEATURES.name: np.repeat(tables.user_features[user_rows], counts, axis=0)}
-        return self.session.run([spec.CLICK_PROB.name], feeds)[0].reshape(-1)
+        """Click probabilities of every (query [d], user id [1], candidates [N]) in `batch`, rows in
+        batch order."""
+        return self.scorer.score(tables, batch)
 
     def _parse(self, request):
         """(query [d], user id [1], candidates [N], k) of a valid request; BadRequest names the tensor."""
