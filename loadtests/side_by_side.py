@@ -82,6 +82,8 @@ class ServiceResult:
     name: str
     levels: dict[int, list[Level]] = field(default_factory=dict)  # candidates -> levels
     cpu_ms_per_request: dict[int, float] = field(default_factory=dict)
+    # candidates -> process (tritonserver, each python model's stub) -> CPU ms per request
+    cpu_ms_by_part: dict[int, dict[str, float]] = field(default_factory=dict)
     top10: list[list[int]] = field(default_factory=list)  # per agreement query
     # Triton only: candidates -> model -> per-request queue / compute ms and average batch over the sweep
     steps: dict[int, dict[str, dict[str, float]]] = field(default_factory=dict)
@@ -103,12 +105,17 @@ class ServiceResult:
 
 # ---- the three services ----------------------------------------------------------------------
 
-def _tree_cpu_s(pid: int) -> float:
-    """User + system CPU seconds of `pid` and its live descendants (Triton's backend stubs)."""
-    from model_repository.triton_server import process_table, process_tree
+def _tree_cpu_s(pid: int) -> dict[str, float]:
+    """User + system CPU seconds of `pid` and its live descendants, by process: tritonserver and
+    each python model's stub (model_repository.triton_server.tree_cpu_by_part)."""
+    from model_repository.triton_server import tree_cpu_by_part
 
-    table = process_table()
-    return sum(table[p].cpu_s for p in process_tree(pid, table))
+    return tree_cpu_by_part(pid)
+
+
+def cpu_ms_per_request(before: dict[str, float], after: dict[str, float], calls: int) -> dict[str, float]:
+    """CPU ms per completed call of each part of the server between two `_tree_cpu_s` readings."""
+    return {part: 1000 * (after[part] - before.get(part, 0.0)) / max(calls, 1) for part in after}
 
 
 def render_repositories(profile: str, out: Path, cpus: int | None = None) -> dict[str, Path]:
@@ -219,7 +226,9 @@ def measure_service(name: str, url: str, pid: int, requests: dict[int, list[byte
                      lv.rps, lv.p50_ms or -1, lv.p99_ms or -1, lv.errors)
             if lv.p99_ms is None or lv.p99_ms > 20 * s.p99_budget_ms:
                 break  # far past the budget: more concurrency only queues
-        result.cpu_ms_per_request[n] = 1000 * (_tree_cpu_s(pid) - cpu0) / max(done, 1)
+        parts = cpu_ms_per_request(cpu0, _tree_cpu_s(pid), done)
+        result.cpu_ms_by_part[n] = parts
+        result.cpu_ms_per_request[n] = sum(parts.values())
         if stats0 is not None:
             result.steps[n] = step_costs(stats0, triton_stats(url))
     if s.perf_analyzer is not None and perf_requests and name in (NAIVE, TRITON_COMPRESSED):
@@ -382,21 +391,30 @@ def plot(results: dict[str, ServiceResult], s: BenchSettings, path: Path) -> Non
 
 
 def step_table(results: dict[str, ServiceResult], n: int) -> list[str]:
-    """Per pipeline step of each Triton service: where a request's server time goes."""
+    """Per pipeline step of each Triton service: where a request's server time and CPU go."""
     lines = []
     for name, r in results.items():
         steps = r.steps.get(n)
         if not steps:
             continue
+        cpu = r.cpu_ms_by_part.get(n, {})
         lines += ["", f"{name}, per step over the whole sweep (Triton statistics; compute is the wall time of the "
                   "model's executions, input and output copies included, shared out over the requests each served; "
-                  "with one server core a step's wall time includes waiting for the core while the other step runs):", "",
-                  "| step | requests | queue ms / request | compute ms / request | average batch |",
-                  "|---|---:|---:|---:|---:|"]
+                  "with one server core a step's wall time includes waiting for the core while the other step runs. "
+                  "CPU is the user+system time of the step's own process, its python-backend stub, per completed "
+                  "call; tritonserver's row is gRPC, the ensemble and the batchers):", "",
+                  "| step | requests | queue ms / request | compute ms / request | average batch | CPU ms / request |",
+                  "|---|---:|---:|---:|---:|---:|"]
         for model, c in steps.items():
-            lines.append(f"| {model} | {c['requests']} | {c['queue_ms']:.2f} | {c['compute_ms']:.2f} | {c['avg_batch']:.2f} |")
+            used = f"{cpu[model]:.2f}" if model in cpu else "-"
+            lines.append(f"| {model} | {c['requests']} | {c['queue_ms']:.2f} | {c['compute_ms']:.2f} | "
+                         f"{c['avg_batch']:.2f} | {used} |")
+        others = {part: ms for part, ms in cpu.items() if part not in steps}
+        for part, ms in sorted(others.items()):
+            lines.append(f"| {part} | | | | | {ms:.2f} |")
         total = sum(c["compute_ms"] for c in steps.values())
-        lines.append(f"| all steps | | {sum(c['queue_ms'] for c in steps.values()):.2f} | {total:.2f} | |")
+        lines.append(f"| all steps | | {sum(c['queue_ms'] for c in steps.values()):.2f} | {total:.2f} | | "
+                     f"{sum(cpu.values()):.2f} |")
     return lines
 
 

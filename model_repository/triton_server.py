@@ -229,6 +229,31 @@ def tree_memory(pid: int) -> dict[str, int]:
     return total
 
 
+def process_part(pid: int, table: dict[int, ProcStat]) -> str:
+    """What a process of a server tree is, for per-step accounting: a backend stub is named after the
+    model it serves (its first argument is that model's `<model>/<version>/model.py`), any other
+    process by its command name."""
+    try:
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        args = []
+    if len(args) > 1 and args[1].endswith(b"/model.py"):
+        return Path(args[1].decode(errors="replace")).parent.parent.name
+    return table[pid].comm
+
+
+def tree_cpu_by_part(pid: int) -> dict[str, float]:
+    """User + system CPU seconds of `pid`'s live process tree, summed by `process_part` (for a
+    Triton server: tritonserver itself, gRPC, ensemble and batching included, and one entry per
+    python model). Processes that exit between two readings drop out of the later one."""
+    table = process_table()
+    out: dict[str, float] = {}
+    for p in process_tree(pid, table):
+        part = process_part(p, table)
+        out[part] = out.get(part, 0.0) + table[p].cpu_s
+    return out
+
+
 def backend_stubs(server_pid: int) -> dict[int, str]:
     """The python-backend stubs tritonserver `server_pid` started (its children): PID -> the state
     letter from /proc ('Z' for a dead one: Triton does not reap a stub that died)."""

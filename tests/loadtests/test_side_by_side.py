@@ -126,4 +126,9 @@ def test_ci_sized_run_writes_report_and_plot(ci_models, tmp_path):
         steps = results[name].steps[100]
         assert {"query_encoder", "ranker"} <= set(steps), steps
         assert all(c["compute_ms"] > 0 and c["avg_batch"] >= 1 for c in steps.values())
-    assert "queue ms / request" in text and "average batch per step" in text
+        # CPU by process: each python model's stub under its model's name, and tritonserver itself
+        cpu = results[name].cpu_ms_by_part[100]
+        assert {"query_encoder", "ranker", "tritonserver"} <= set(cpu), cpu
+        assert all(cpu[part] > 0 for part in ("query_encoder", "ranker", "tritonserver")), cpu
+        assert abs(sum(cpu.values()) - results[name].cpu_ms_per_request[100]) < 1e-9
+    assert "queue ms / request" in text and "average batch per step" in text and "CPU ms / request" in text
