@@ -75,6 +75,9 @@ class Level:
     p50_ms: float | None
     p95_ms: float | None
     p99_ms: float | None
+    # How long the refused calls took, slowest first (at most 3): an admission refusal comes back
+    # within the queue timeout (100 ms), a batcher stall after about 500 ms (docs/reliability.md).
+    refused_ms: tuple[float, ...] = ()
 
 
 @dataclass
@@ -219,8 +222,9 @@ def measure_service(name: str, url: str, pid: int, requests: dict[int, list[byte
                 result.batch[n][conc] = {m: c["avg_batch"] for m, c in step_costs(level0, triton_stats(url)).items()}
             ok = [x.latency_ms for x in calls if x.code == OK]
             done += len(ok)
+            refused = sorted((x.latency_ms for x in calls if x.code != OK), reverse=True)
             lv = Level(conc, len(calls), len(calls) - len(ok), len(ok) / s.seconds, percentile(ok, 50),
-                       percentile(ok, 95), percentile(ok, 99))
+                       percentile(ok, 95), percentile(ok, 99), tuple(round(ms, 1) for ms in refused[:3]))
             result.levels[n].append(lv)
             log.info("%s, %d candidates, concurrency %d: %.1f/s, p50 %.1f p99 %.1f ms, %d errors", name, n, conc,
                      lv.rps, lv.p50_ms or -1, lv.p99_ms or -1, lv.errors)
@@ -390,6 +394,14 @@ def plot(results: dict[str, ServiceResult], s: BenchSettings, path: Path) -> Non
     tmp.replace(path)
 
 
+def refusals(level: Level) -> str:
+    """', 8 err (slowest answered after 501, 501, 500 ms)' or '' when nothing was refused."""
+    if not level.errors:
+        return ""
+    slowest = f" (slowest answered after {', '.join(f'{ms:.0f}' for ms in level.refused_ms)} ms)" if level.refused_ms else ""
+    return f", {level.errors} err{slowest}"
+
+
 def step_table(results: dict[str, ServiceResult], n: int) -> list[str]:
     """Per pipeline step of each Triton service: where a request's server time and CPU go."""
     lines = []
@@ -468,10 +480,11 @@ def markdown(results: dict[str, ServiceResult], agree: dict[str, float], eff: di
             lines.append(f"| {name} | {fmt(c1.p50_ms)} / {fmt(c1.p95_ms)} / {fmt(c1.p99_ms)} | "
                          f"{r.best_rps(n, s.p99_budget_ms):.1f} | {r.cpu_ms_per_request[n]:.1f} | {agree[name]:.3f} |")
         lines += step_table(results, n) + batch_table(results, n)
-        lines += ["", "Every level (concurrency: throughput /s, p99 ms, errors):", ""]
+        lines += ["", "Every level (concurrency: throughput /s, p99 ms, refused calls and how long the slowest of "
+                  "them took: within the 100 ms queue timeout is admission, about 500 ms is Triton's batcher "
+                  "stall, docs/reliability.md):", ""]
         for name, r in results.items():
-            levels = ", ".join(f"c{x.concurrency}: {x.rps:.1f}/s, {fmt(x.p99_ms)} ms" + (f", {x.errors} err" if x.errors else "")
-                               for x in r.levels[n])
+            levels = ", ".join(f"c{x.concurrency}: {x.rps:.1f}/s, {fmt(x.p99_ms)} ms" + refusals(x) for x in r.levels[n])
             lines.append(f"- {name}: {levels}")
         lines.append("")
     lines += perf_section(results, s)

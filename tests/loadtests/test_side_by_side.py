@@ -82,6 +82,14 @@ def test_a_stopped_perf_analyzer_is_reported_not_dropped():
 
 
 @pytest.mark.unit
+def test_refusals_say_how_long_the_slowest_took():
+    assert sbs.refusals(sbs.Level(8, 100, 0, 50.0, 5, 6, 8)) == ""
+    stalled = sbs.Level(8, 100, 3, 50.0, 5, 6, 8, refused_ms=(501.4, 500.9, 500.2))
+    assert sbs.refusals(stalled) == ", 3 err (slowest answered after 501, 501, 500 ms)"
+    assert sbs.refusals(sbs.Level(8, 100, 2, 50.0, 5, 6, 8)) == ", 2 err"
+
+
+@pytest.mark.unit
 def test_cli_refuses_bad_settings(capsys):
     with pytest.raises(SystemExit) as e:
         sbs.main(["--candidates", "0"])
