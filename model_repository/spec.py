@@ -180,7 +180,16 @@ RANKER_MAX_REQUESTS = 8
 RANKER_ROWS_PER_RUN = 1024
 
 
-def build_spec(embedding_dim: int, *, target: str = CPU, encoder_instances: int = 1,
+# Two CPU encoder instances (two stubs, one ORT session each). With one, Triton 2.51's batcher for it
+# sometimes slept its full 500 ms default wait with every caller's request queued, and they were
+# refused at the 100 ms queue timeout: 8 such stalls in 4 x 45 s at concurrency 8, 100 candidates;
+# with two, none, and 590-678/s against 547-628/s (at 1000 candidates 432-457 against 417-428/s,
+# no stall either way), one core, 2026-12-02 (docs/reliability.md). Two ranker instances made the
+# encoder's stalls more frequent (31), so the ranker keeps one.
+CPU_ENCODER_INSTANCES = 2
+
+
+def build_spec(embedding_dim: int, *, target: str = CPU, encoder_instances: int | None = None,
                ort_threads: int = DEFAULT_ORT_THREADS,
                queue_policy: QueuePolicy | None = DEFAULT_QUEUE_POLICY) -> PipelineSpec:
     """The pipeline for an encoder of `embedding_dim` (384 for all-MiniLM-L6-v2) on `target`.
@@ -190,6 +199,8 @@ def build_spec(embedding_dim: int, *, target: str = CPU, encoder_instances: int 
     must refuse, or its queue grows until callers hit their deadlines (docs/reliability.md)."""
     if target not in TARGETS:
         raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+    if encoder_instances is None:  # one TensorRT plan per GPU; not measured otherwise
+        encoder_instances = CPU_ENCODER_INSTANCES if target == CPU else 1
     emb = text_embedding(embedding_dim)
     q_emb = query_embedding(embedding_dim)
     threads = {"intra_op_num_threads": str(ort_threads)}
