@@ -108,16 +108,8 @@ class ServiceResult:
 
 # ---- the three services ----------------------------------------------------------------------
 
-def _tree_cpu_s(pid: int) -> dict[str, float]:
-    """User + system CPU seconds of `pid` and its live descendants, by process: tritonserver and
-    each python model's stub (model_repository.triton_server.tree_cpu_by_part)."""
-    from model_repository.triton_server import tree_cpu_by_part
-
-    return tree_cpu_by_part(pid)
-
-
 def cpu_ms_per_request(before: dict[str, float], after: dict[str, float], calls: int) -> dict[str, float]:
-    """CPU ms per completed call of each part of the server between two `_tree_cpu_s` readings."""
+    """CPU ms per completed call of each part of the server between two `tree_cpu_by_part` readings."""
     return {part: 1000 * (after[part] - before.get(part, 0.0)) / max(calls, 1) for part in after}
 
 
@@ -198,6 +190,7 @@ def measure_service(name: str, url: str, pid: int, requests: dict[int, list[byte
                     agreement: list[traffic.RankRequest], s: BenchSettings,
                     perf_requests: list[traffic.RankRequest] | None = None) -> ServiceResult:
     from search_rank_client import SearchClient
+    from model_repository.triton_server import tree_cpu_by_part
 
     result = ServiceResult(name)
     with SearchClient(url, timeout_s=60) as c:
@@ -211,7 +204,7 @@ def measure_service(name: str, url: str, pid: int, requests: dict[int, list[byte
             result.top10.append(ids)
     for n, reqs in requests.items():
         closed_loop(url, reqs, 2, 1.0, warmup_s=0.5)  # warm this request size
-        cpu0, done = _tree_cpu_s(pid), 0
+        cpu0, done = tree_cpu_by_part(pid), 0
         stats0 = triton_stats(url) if name != NAIVE else None
         result.levels[n] = []
         result.batch[n] = {}
@@ -230,7 +223,7 @@ def measure_service(name: str, url: str, pid: int, requests: dict[int, list[byte
                      lv.rps, lv.p50_ms or -1, lv.p99_ms or -1, lv.errors)
             if lv.p99_ms is None or lv.p99_ms > 20 * s.p99_budget_ms:
                 break  # far past the budget: more concurrency only queues
-        parts = cpu_ms_per_request(cpu0, _tree_cpu_s(pid), done)
+        parts = cpu_ms_per_request(cpu0, tree_cpu_by_part(pid), done)
         result.cpu_ms_by_part[n] = parts
         result.cpu_ms_per_request[n] = sum(parts.values())
         if stats0 is not None:

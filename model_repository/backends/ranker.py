@@ -71,12 +71,7 @@ class TritonPythonModel:
         largest = tables.item_ids[: self.max_candidates]
         filling = tables.item_ids[: max(1, self.scorer.max_rows // max_requests)]
         for ids, requests in [(largest, 1), (largest, max_requests), (filling, max_requests)]:
-            self.score(tables, [(query, user, ids)] * requests)
-
-    def score(self, tables, batch: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> np.ndarray:
-        """Click probabilities of every (query [d], user id [1], candidates [N]) in `batch`, rows in
-        batch order."""
-        return self.scorer.score(tables, batch)
+            self.scorer.score(tables, [(query, user, ids)] * requests)
 
     def _parse(self, request):
         """(query [d], user id [1], candidates [N], k) of a valid request; BadRequest names the tensor."""
@@ -99,7 +94,7 @@ class TritonPythonModel:
                 responses[i] = self.ctx.invalid(err)
         if not valid:
             return responses
-        probs = self.score(tables, [(query, user_id, candidates) for _, query, user_id, candidates, _ in valid])
+        probs = self.scorer.score(tables, [(query, user_id, candidates) for _, query, user_id, candidates, _ in valid])
         start = 0
         for i, _, _, candidates, k in valid:
             n = len(candidates)
