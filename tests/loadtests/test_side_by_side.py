@@ -51,6 +51,37 @@ def test_refusals_at_ordinary_concurrency_fail_the_bench():
         assert verdicts["compressed refuses nothing at concurrency 4 and 8, 100 cand."][1] is ok
 
 
+def _levels(*rps_p99_errors):
+    return [sbs.Level(c, 1000, errors, rps, 5, 6, p99) for c, (rps, p99, errors) in zip((1, 2, 4, 8), rps_p99_errors)]
+
+
+@pytest.mark.unit
+def test_gated_speedup_is_the_median_of_the_sweep_and_the_paired_rounds():
+    results = {sbs.NAIVE: sbs.ServiceResult(sbs.NAIVE, levels={100: _levels((100.0, 40, 0), (90.0, 80, 0))}),
+               sbs.TRITON_COMPRESSED: sbs.ServiceResult(sbs.TRITON_COMPRESSED, levels={100: _levels(
+                   (200.0, 10, 0), (400.0, 20, 0), (600.0, 45, 0), (700.0, 90, 0))})}
+    # the sweep: 600/s within 50 ms against the naive service's 100/s within it
+    assert sbs.speedup_vs_naive(results, [], 100, 50.0) == (6.0, [6.0])
+    naive_c1 = lambda rps: sbs.Level(1, 1000, 0, rps, 5, 6, 40)  # noqa: E731
+    rounds = [sbs.PairedRound(100, naive_c1(150.0), sbs.Level(4, 1000, 0, 600.0, 5, 6, 45), 3.0),  # 4x
+              sbs.PairedRound(100, naive_c1(120.0), sbs.Level(4, 1000, 0, 600.0, 5, 6, 55), 3.0),  # over budget: 0x
+              sbs.PairedRound(100, naive_c1(100.0), sbs.Level(4, 1000, 20, 550.0, 5, 6, 45), 3.0),  # 2% refused: 0x
+              sbs.PairedRound(1000, naive_c1(10.0), sbs.Level(4, 1000, 0, 600.0, 5, 6, 45), 3.0)]  # other size
+    median, ratios = sbs.speedup_vs_naive(results, rounds, 100, 50.0)
+    assert ratios == [6.0, 4.0, 0.0, 0.0] and median == 2.0
+    verdict = sbs.checks({**results, sbs.TRITON_FP32: results[sbs.NAIVE]}, {sbs.TRITON_COMPRESSED: 1.0},
+                         sbs.BenchSettings(candidates=(100,), concurrency=(1, 2, 4, 8)), rounds)
+    assert verdict["compressed >= 5x naive throughput at p99 <= 50 ms, 100 cand."] == (
+        "2.0x (median of 6.0, 4.0, 0.0, 0.0)", False)
+
+
+@pytest.mark.unit
+def test_a_baseline_that_never_met_the_budget_is_held_at_its_peak():
+    slow = sbs.ServiceResult(sbs.NAIVE, levels={100: _levels((40.0, 60, 0), (45.0, 120, 0), (42.0, 250, 0))})
+    assert slow.best_level(100, 50.0) is None
+    assert slow.baseline_level(100, 50.0).rps == 45.0
+
+
 @pytest.mark.unit
 def test_perf_analyzer_input_carries_each_request_as_sent():
     """perf_analyzer must send what the closed loop sends: its input rows are the requests
@@ -94,6 +125,9 @@ def test_cli_refuses_bad_settings(capsys):
     with pytest.raises(SystemExit) as e:
         sbs.main(["--candidates", "0"])
     assert e.value.code == 2 and "--candidates must be in 1..1000" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        sbs.main(["--paired-rounds", "-1"])
+    assert e.value.code == 2 and "--paired-rounds must be 0 or more" in capsys.readouterr().err
 
 
 # Triton FP32 runs the same FP32 models as the naive service through ONNX instead of PyTorch: only
@@ -108,9 +142,12 @@ COMPRESSED_AGREEMENT_FLOOR = 0.75
 
 @pytest.mark.server
 def test_ci_sized_run_writes_report_and_plot(ci_models, tmp_path):
-    s = sbs.BenchSettings(profile="ci", candidates=(100,), concurrency=(1, 2), seconds=1.5, agreement_queries=20)
+    # A budget every level meets, so that the paired round always runs (it follows the levels behind the
+    # headline, and a bundle that met the budget nowhere gets none).
+    s = sbs.BenchSettings(profile="ci", candidates=(100,), concurrency=(1, 2), seconds=1.5, agreement_queries=20,
+                          p99_budget_ms=5000.0, paired_rounds=1)
     md, png = tmp_path / "BENCHMARKS.md", tmp_path / "benchmarks.png"
-    results, verdicts, _ = sbs.run(s, md, png, "pytest")
+    results, rounds, verdicts, _ = sbs.run(s, md, png, "pytest")
     assert set(results) == set(sbs.SERVICES)
     for r in results.values():
         # measure_service already refuses a broken contract; here: every level served. Refusals
@@ -129,6 +166,10 @@ def test_ci_sized_run_writes_report_and_plot(ci_models, tmp_path):
     assert "GOP/s" in text and "(benchmarks.png)" in text
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert any("agreement" in k for k in verdicts)
+    # the paired rounds ran against both live servers, at the sweep's headline levels
+    assert [r.candidates for r in rounds] == [100] * s.paired_rounds
+    assert all(r.naive.rps > 0 and r.bundle.rps > 0 for r in rounds)
+    assert "## Paired rounds" in text
     # where a request's server time goes, per step, for both Triton services
     for name in (sbs.TRITON_FP32, sbs.TRITON_COMPRESSED):
         steps = results[name].steps[100]
