@@ -87,6 +87,15 @@ class Level:
     refused_ms: tuple[float, ...] = ()
 
 
+def throughput_ratio(a: float, b: float) -> float:
+    """a / b; a service that served nothing against one that served something is infinitely faster."""
+    return a / b if b else float("inf") if a else 0.0
+
+
+def one_decimal(v: float | None) -> str:
+    return "-" if v is None else f"{v:.1f}"
+
+
 def within_budget(level: Level, budget_ms: float, max_error_rate: float = 0.01) -> bool:
     return (level.errors <= max_error_rate * level.calls and level.p99_ms is not None
             and level.p99_ms <= budget_ms)
@@ -104,7 +113,7 @@ class PairedRound:
         """Bundle over naive throughput; a bundle level that broke the budget this time counts as 0.
         The naive service counts at whatever p99 it had (its larger figure is the conservative one)."""
         bundle = self.bundle.rps if within_budget(self.bundle, budget_ms) else 0.0
-        return bundle / self.naive.rps if self.naive.rps else float("inf") if bundle else 0.0
+        return throughput_ratio(bundle, self.naive.rps)
 
 
 @dataclass
@@ -248,10 +257,9 @@ def paired_rounds(s: BenchSettings, results: dict[str, ServiceResult], repositor
         return rounds
     with serve(NAIVE, s.profile, repositories, server_cpus) as (naive_url, naive_pid), \
             serve(TRITON_COMPRESSED, s.profile, repositories, server_cpus) as (bundle_url, bundle_pid):
-        for n, reqs in requests.items():  # warm both at every size before the first round
-            if n in levels:
-                closed_loop(naive_url, reqs, 1, 1.0, warmup_s=0.5)
-                closed_loop(bundle_url, reqs, 1, 1.0, warmup_s=0.5)
+        for n in levels:  # warm both at every size before the first round
+            closed_loop(naive_url, requests[n], 1, 1.0, warmup_s=0.5)
+            closed_loop(bundle_url, requests[n], 1, 1.0, warmup_s=0.5)
         cpu_s = lambda pid: sum(tree_cpu_by_part(pid).values())  # noqa: E731
         for i in range(s.paired_rounds):
             for n, (naive_conc, bundle_conc) in levels.items():
@@ -418,7 +426,7 @@ def speedup_vs_naive(results: dict[str, ServiceResult], rounds: Sequence[PairedR
     c = results[TRITON_COMPRESSED].best_rps(n, budget_ms)
     level = results[NAIVE].baseline_level(n, budget_ms)
     b = level.rps if level else 0.0
-    ratios = [c / b if b else float("inf") if c else 0.0]
+    ratios = [throughput_ratio(c, b)]
     ratios += [r.ratio(budget_ms) for r in rounds if r.candidates == n]
     return float(np.median(ratios)), ratios
 
@@ -433,7 +441,7 @@ def checks(results: dict[str, ServiceResult], agree: dict[str, float], s: BenchS
         level = fp32.baseline_level(n, s.p99_budget_ms)
         f = level.rps if level else 0.0
         vs_naive, ratios = speedup_vs_naive(results, rounds, n, s.p99_budget_ms)
-        vs_fp32 = c / f if f else float("inf") if c else 0.0
+        vs_fp32 = throughput_ratio(c, f)
         shown = f"{vs_naive:.1f}x" + (f" (median of {', '.join(f'{x:.1f}' for x in ratios)})" if len(ratios) > 1 else "")
         out[f"compressed >= {s.min_speedup_vs_naive:g}x naive throughput at p99 <= {s.p99_budget_ms:g} ms, {n} cand."] = (
             shown, vs_naive >= s.min_speedup_vs_naive)
@@ -548,7 +556,6 @@ def perf_section(results: dict[str, ServiceResult], s: BenchSettings) -> list[st
 def rounds_section(rounds: Sequence[PairedRound], s: BenchSettings) -> list[str]:
     if not rounds:
         return []
-    fmt = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
     lines = ["## Paired rounds (the naive service and the bundle back to back)", "",
              f"After the sweep both servers stay up on the server CPUs and are measured in alternation, {s.seconds:g} s "
              "each, at the concurrency their headline came from. The gated ratio is the median of the sweep's ratio and "
@@ -560,7 +567,7 @@ def rounds_section(rounds: Sequence[PairedRound], s: BenchSettings) -> list[str]
     for r in rounds:
         per_size[r.candidates] = per_size.get(r.candidates, 0) + 1
         lines.append(f"| {per_size[r.candidates]} | {r.candidates} | c{r.naive.concurrency}, {r.naive.rps:.1f}, "
-                     f"{fmt(r.naive.p99_ms)} | c{r.bundle.concurrency}, {r.bundle.rps:.1f}, {fmt(r.bundle.p99_ms)}, "
+                     f"{one_decimal(r.naive.p99_ms)} | c{r.bundle.concurrency}, {r.bundle.rps:.1f}, {one_decimal(r.bundle.p99_ms)}, "
                      f"{r.bundle.errors} | {r.ratio(s.p99_budget_ms):.1f}x | {r.idle_cpu_ms:.0f} |")
     return lines + [""]
 
@@ -568,7 +575,6 @@ def rounds_section(rounds: Sequence[PairedRound], s: BenchSettings) -> list[str]
 def markdown(results: dict[str, ServiceResult], agree: dict[str, float], eff: dict, verdicts: dict,
              s: BenchSettings, command: str, machine: str, image: str, cpus_note: str,
              rounds: Sequence[PairedRound] = ()) -> str:
-    fmt = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
     lines = ["# Benchmarks side by side", "",
              f"Generated by `{command}` on {time.strftime('%Y-%m-%d')}. Machine: {machine}. {cpus_note}",
              "Absolute numbers are this machine's; the ratios are the headline.", "",
@@ -584,14 +590,14 @@ def markdown(results: dict[str, ServiceResult], agree: dict[str, float], eff: di
                   "and <= 1% refused, /s | CPU ms per request | top-10 agreement with FP32 |", "|---|---:|---:|---:|---:|"]
         for name, r in results.items():
             c1 = r.at(n, 1) if 1 in s.concurrency else None
-            lines.append(f"| {name} | {fmt(c1.p50_ms)} / {fmt(c1.p95_ms)} / {fmt(c1.p99_ms)} | "
+            lines.append(f"| {name} | {one_decimal(c1.p50_ms)} / {one_decimal(c1.p95_ms)} / {one_decimal(c1.p99_ms)} | "
                          f"{r.best_rps(n, s.p99_budget_ms):.1f} | {r.cpu_ms_per_request[n]:.1f} | {agree[name]:.3f} |")
         lines += step_table(results, n) + batch_table(results, n)
         lines += ["", "Every level (concurrency: throughput /s, p99 ms, refused calls and how long the slowest of "
                   "them took: within the 100 ms queue timeout is admission, about 500 ms is Triton's batcher "
                   "stall, docs/reliability.md):", ""]
         for name, r in results.items():
-            levels = ", ".join(f"c{x.concurrency}: {x.rps:.1f}/s, {fmt(x.p99_ms)} ms" + refusals(x) for x in r.levels[n])
+            levels = ", ".join(f"c{x.concurrency}: {x.rps:.1f}/s, {one_decimal(x.p99_ms)} ms" + refusals(x) for x in r.levels[n])
             lines.append(f"- {name}: {levels}")
         lines.append("")
     lines += rounds_section(rounds, s)
