@@ -146,6 +146,10 @@ class ServiceResult:
         (a baseline that never met the budget; the conservative choice)."""
         return self.best_level(candidates, budget_ms) or max(self.levels[candidates], key=lambda lv: lv.rps, default=None)
 
+    def baseline_rps(self, candidates: int, budget_ms: float) -> float:
+        level = self.baseline_level(candidates, budget_ms)
+        return level.rps if level else 0.0
+
     def at(self, candidates: int, concurrency: int) -> Level:
         return next(lv for lv in self.levels[candidates] if lv.concurrency == concurrency)
 
@@ -424,9 +428,7 @@ def speedup_vs_naive(results: dict[str, ServiceResult], rounds: Sequence[PairedR
     """The gated bundle / naive ratio at `n` candidates: the median of the sweep's ratio and every
     paired round's, and those ratios (sweep first)."""
     c = results[TRITON_COMPRESSED].best_rps(n, budget_ms)
-    level = results[NAIVE].baseline_level(n, budget_ms)
-    b = level.rps if level else 0.0
-    ratios = [throughput_ratio(c, b)]
+    ratios = [throughput_ratio(c, results[NAIVE].baseline_rps(n, budget_ms))]
     ratios += [r.ratio(budget_ms) for r in rounds if r.candidates == n]
     return float(np.median(ratios)), ratios
 
@@ -438,8 +440,7 @@ def checks(results: dict[str, ServiceResult], agree: dict[str, float], s: BenchS
     for n in s.candidates:
         c = comp.best_rps(n, s.p99_budget_ms)
         # a baseline that never met the budget: hold the bundle against its peak throughput instead
-        level = fp32.baseline_level(n, s.p99_budget_ms)
-        f = level.rps if level else 0.0
+        f = fp32.baseline_rps(n, s.p99_budget_ms)
         vs_naive, ratios = speedup_vs_naive(results, rounds, n, s.p99_budget_ms)
         vs_fp32 = throughput_ratio(c, f)
         shown = f"{vs_naive:.1f}x" + (f" (median of {', '.join(f'{x:.1f}' for x in ratios)})" if len(ratios) > 1 else "")
