@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from conversion.stages import build_root
-from loadtests.grpc_load import OK, closed_loop, percentile, repository_requests, split_cpus
+from loadtests.grpc_load import OK, FreshStreams, closed_loop, percentile, split_cpus
 from loadtests.overload import linked_copy
-from loadtests.side_by_side import step_costs, triton_stats
+from loadtests.side_by_side import Endpoint, step_costs, triton_stats
 from model_repository import spec
 from model_repository.render import CONFIG
 
@@ -53,7 +53,9 @@ def measure(repository: Path, delays: list[int], concurrency: list[int], candida
     from model_repository.triton_server import run_triton_server
 
     server_cpus, load_cpus = split_cpus()
-    requests = repository_requests(repository, 256, candidates, seed)
+    from model_repository.runtime import served_catalog_dir
+
+    streams = FreshStreams(served_catalog_dir(repository), seed)
     rows = []
     before = os.sched_getaffinity(0)
     try:
@@ -63,11 +65,14 @@ def measure(repository: Path, delays: list[int], concurrency: list[int], candida
             with tempfile.TemporaryDirectory(dir=build_root()) as tmp:
                 variant = with_encoder_delay(repository, Path(tmp) / "model_repository", delay)
                 with run_triton_server(variant, cpus=server_cpus) as server:
-                    closed_loop(server.grpc_url, requests, 2, 1.0, warmup_s=0.5)
+                    closed_loop(server.grpc_url, streams.for_closed_loop(candidates, 1.0, "warm"), 2, 1.0,
+                                warmup_s=0.5, cycle=False)
                     for conc in concurrency:
-                        stats0 = triton_stats(server.grpc_url)
-                        calls = closed_loop(server.grpc_url, requests, conc, seconds)
-                        steps = step_costs(stats0, triton_stats(server.grpc_url))
+                        stats0 = triton_stats(Endpoint(server.grpc_url, server.process.pid, server.metrics_url))
+                        # the same stream at this level for every delay, never a request twice
+                        calls = closed_loop(server.grpc_url, streams.for_closed_loop(candidates, seconds, f"c{conc}"),
+                                            conc, seconds, cycle=False)
+                        steps = step_costs(stats0, triton_stats(Endpoint(server.grpc_url, server.process.pid, server.metrics_url)))
                         ok = [c.latency_ms for c in calls if c.code == OK]
                         rows.append(Row(delay, conc, len(ok) / seconds, percentile(ok, 99), len(calls) - len(ok),
                                         steps.get(spec.QUERY_ENCODER, {}).get("avg_batch", 0.0),

@@ -11,6 +11,7 @@ and calls are gRPC futures, so one Python process drives several hundred calls/s
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 import time
@@ -53,6 +54,36 @@ def search_rank_requests(catalog_dir: Path, n: int, candidates: int, seed: int, 
     return [serialize(r) for r in rank_requests(catalog_dir, n, candidates, seed, top_k)]
 
 
+# Bounds on what one loop on this machine class can send, for sizing streams that must not wrap:
+# calls per second, and candidate rows per second (which bounds the 1000-candidate streams' memory).
+MAX_CALLS_PER_S = 1500.0
+MAX_ROWS_PER_S = 600_000.0
+
+
+@dataclass(frozen=True)
+class FreshStreams:
+    """Seeded search_rank request streams that no measurement replays.
+
+    The served encoder answers a repeated query's embedding from its cache, so a load
+    test that cycles a short list would measure a cache hit on every query after the first pass.
+    Each measurement takes its own stream instead (`label` names it, and the same label gives every
+    server the same requests), which repeats only what the traffic model repeats: popular queries,
+    Zipf over a pool drawn per stream (loadtests/traffic.py). A new pool per stream means the cache
+    starts each measurement cold."""
+
+    catalog_dir: Path
+    seed: int
+
+    def take(self, candidates: int, n: int, label: str) -> list[bytes]:
+        digest = hashlib.sha256(f"{self.seed}/{candidates}/{label}".encode()).digest()
+        return search_rank_requests(self.catalog_dir, n, candidates, int.from_bytes(digest[:4], "little"))
+
+    def for_closed_loop(self, candidates: int, seconds: float, label: str) -> list[bytes]:
+        """Enough for a closed loop of `seconds` (plus its warm-up) at the most this machine sends."""
+        rate = min(MAX_CALLS_PER_S, MAX_ROWS_PER_S / candidates)
+        return self.take(candidates, int(rate * (seconds + 2.0)) + 64, label)
+
+
 def repository_requests(repository: Path, n: int, candidates: int, seed: int) -> list[bytes]:
     """The same, from the catalog a rendered repository serves."""
     return search_rank_requests(served_catalog_dir(repository), n, candidates, seed)
@@ -88,13 +119,19 @@ def _code(future) -> str:
     return OK if e is None else e.code().name
 
 
+class StreamExhausted(RuntimeError):
+    """A closed loop that may not repeat a request ran out of them: give it a longer stream."""
+
+
 def closed_loop(target: str, requests: list[bytes], concurrency: int, seconds: float, warmup_s: float = 1.0,
-                deadline_s: float = 30.0) -> list[Call]:
+                deadline_s: float = 30.0, cycle: bool = True) -> list[Call]:
     """`concurrency` calls always in flight for `seconds` after `warmup_s`; the calls that started
-    inside the measured window."""
+    inside the measured window. `cycle=False` sends each request at most once (a server that caches
+    responses must not be measured on repeats the traffic did not make) and raises StreamExhausted
+    when the window outlasts the list."""
     done, lock = threading.Event(), threading.Lock()
     calls: list[Call] = []
-    state = {"next": 0, "inflight": 0}
+    state = {"next": 0, "inflight": 0, "exhausted": False}
     idle = threading.Event()
     with infer_method(target) as infer:
         start = time.monotonic() + warmup_s
@@ -102,6 +139,12 @@ def closed_loop(target: str, requests: list[bytes], concurrency: int, seconds: f
         def send():
             with lock:
                 k = state["next"]
+                if not cycle and k >= len(requests):
+                    state["exhausted"] = True
+                    done.set()
+                    if state["inflight"] == 0:
+                        idle.set()
+                    return
                 state["next"] += 1
                 state["inflight"] += 1
             sent_at = time.monotonic()
@@ -127,6 +170,9 @@ def closed_loop(target: str, requests: list[bytes], concurrency: int, seconds: f
             if state["inflight"] == 0:
                 idle.set()
         idle.wait(timeout=deadline_s + 5)
+    if state["exhausted"]:
+        raise StreamExhausted(f"the closed loop sent all {len(requests)} requests before its {warmup_s + seconds:.0f} s "
+                              f"ended (concurrency {concurrency}); it needs a longer request stream")
     end = seconds
     return [c for c in calls if c.sent_s < end]
 

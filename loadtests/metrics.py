@@ -58,6 +58,25 @@ def parse_prometheus(text: str, wanted: tuple[str, ...] = WANTED) -> Counters:
     return out
 
 
+# The query encoder stub's embedding cache (model_repository/backends/text_encoder.py), labelled by
+# model, instance and result (hit or miss).
+CACHE_LOOKUPS = "searchrank_embedding_cache_lookups_total"
+
+
+def cache_lookups(text: str, model: str) -> dict[str, float]:
+    """{"hit": n, "miss": n} of `model`'s embedding cache, summed over its instances (zeros where
+    the server exports none: the cache is off, or the stubs have not reported yet)."""
+    out = {"hit": 0.0, "miss": 0.0}
+    for line in text.splitlines():
+        m = _LINE.match(line)
+        if not m or m.group(1) != CACHE_LOOKUPS:
+            continue
+        labels = dict(_LABEL.findall(m.group(2) or ""))
+        if labels.get("model") == model and labels.get("result") in out:
+            out[labels["result"]] += float(m.group(3))
+    return out
+
+
 @dataclass(frozen=True)
 class Sample:
     t: float  # unix time of the scrape

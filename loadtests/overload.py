@@ -29,9 +29,10 @@ from typing import Iterator
 
 from conversion.stages import build_root
 from loadtests import targets, traffic
-from loadtests.grpc_load import OK, Call, closed_loop, open_loop, percentile, repository_requests, split_cpus
+from loadtests.grpc_load import OK, Call, FreshStreams, closed_loop, open_loop, percentile, split_cpus
 from model_repository import spec
 from model_repository.render import CONFIG, read_config, write_config
+from model_repository.runtime import served_catalog_dir
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +77,9 @@ class PhaseReport:
 
 
 def measure_capacity(target: str, requests: list[bytes], concurrency: int, seconds: float) -> float:
-    """Completed search_rank calls per second with `concurrency` calls always in flight."""
-    calls = closed_loop(target, requests, concurrency, seconds)
+    """Completed search_rank calls per second with `concurrency` calls always in flight, each request
+    sent once (a repeat would be a response-cache hit the traffic did not make)."""
+    calls = closed_loop(target, requests, concurrency, seconds, cycle=False)
     return sum(c.code == OK for c in calls) / seconds
 
 
@@ -118,11 +120,14 @@ def without_queue_policy(repository: Path, out: Path) -> Path:
     return linked_copy(repository, out, drop_policy)
 
 
-def run_phase(name: str, target: str, requests: list, s: OverloadSettings) -> tuple[float, PhaseReport]:
-    capacity = measure_capacity(target, requests, s.capacity_clients, s.capacity_s)
+def run_phase(name: str, target: str, streams: FreshStreams, s: OverloadSettings) -> tuple[float, PhaseReport]:
+    capacity = measure_capacity(target, streams.for_closed_loop(s.candidates, s.capacity_s, "capacity"),
+                                s.capacity_clients, s.capacity_s)
     log.info("%s: capacity %.1f search_rank/s (%d closed-loop callers)", name, capacity, s.capacity_clients)
     offered = s.multiple * capacity
-    calls = open_loop(target, requests, offered, s.duration_s, s.deadline_s, s.seed)
+    # Poisson arrivals: a fifth more than the mean keeps the open loop from wrapping round its stream
+    overload = streams.take(s.candidates, int(1.2 * offered * s.duration_s) + 64, "overload")
+    calls = open_loop(target, overload, offered, s.duration_s, s.deadline_s, s.seed)
     return capacity, summarize(name, calls, offered, s.duration_s, s)
 
 
@@ -183,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         profile = targets.load_profile(targets.DEFAULT_TARGETS, args.profile)
-        requests = repository_requests(args.repository, 512, args.candidates, args.seed)
+        streams = FreshStreams(served_catalog_dir(args.repository), args.seed)
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -200,12 +205,12 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     try:
         with _server(args.repository, args.target, server_cpus) as target:
-            rows.append(run_phase("queue policy (served config)", target, requests, s))
+            rows.append(run_phase("queue policy (served config)", target, streams, s))
         if args.compare_unbounded:
             with tempfile.TemporaryDirectory() as tmp:
                 unbounded = without_queue_policy(args.repository, Path(tmp) / "model_repository")
                 with _server(unbounded, None, server_cpus) as target:
-                    rows.append(run_phase("no queue policy (Triton default)", target, requests, s))
+                    rows.append(run_phase("no queue policy (Triton default)", target, streams, s))
     except TritonStartError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

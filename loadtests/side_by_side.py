@@ -37,7 +37,7 @@ import numpy as np
 
 from conversion.stages import REPO_ROOT, build_root
 from loadtests import traffic
-from loadtests.grpc_load import OK, closed_loop, percentile, rank_requests, serialize, split_cpus
+from loadtests.grpc_load import OK, FreshStreams, closed_loop, percentile, rank_requests, split_cpus
 from model_repository import spec
 
 log = logging.getLogger(__name__)
@@ -45,6 +45,8 @@ log = logging.getLogger(__name__)
 NAIVE, TRITON_FP32, TRITON_COMPRESSED = "naive PyTorch FP32", "Triton FP32 ONNX", "Triton compressed"
 SERVICES = (NAIVE, TRITON_FP32, TRITON_COMPRESSED)
 REFERENCE = NAIVE  # "the FP32 pipeline" the rankings are compared with
+# perf_analyzer's count windows of 200 requests, at most 20 of them plus its warm-up
+PERF_REQUESTS = 5000
 
 
 @dataclass(frozen=True)
@@ -176,25 +178,41 @@ def render_repositories(profile: str, out: Path, cpus: int | None = None) -> dic
             TRITON_FP32: render_repository(pipeline, fp32, out / "triton-fp32")}
 
 
+@dataclass(frozen=True)
+class Endpoint:
+    """A running service: its gRPC address, server PID and (Triton only) metrics URL."""
+
+    grpc: str
+    pid: int
+    metrics: str | None = None
+
+
 @contextmanager
-def serve(name: str, profile: str, repositories: dict[str, Path], cpus) -> Iterator[tuple[str, int]]:
-    """(gRPC address, server PID) of the named service, stopped on exit."""
+def serve(name: str, profile: str, repositories: dict[str, Path], cpus) -> Iterator[Endpoint]:
+    """The named service, stopped on exit."""
     if name == NAIVE:
         from loadtests.naive_server import DEFAULT_THREADS, run_naive_server
 
         # torch threads = the CPUs it may use (more would only contend)
         with run_naive_server(profile, cpus=cpus, threads=len(cpus) if cpus else DEFAULT_THREADS) as server:
-            yield server.grpc_url, server.process.pid
+            yield Endpoint(server.grpc_url, server.process.pid)
     else:
         from model_repository.triton_server import run_triton_server
 
         with run_triton_server(repositories[name], cpus=cpus) as server:
-            yield server.grpc_url, server.process.pid
+            yield Endpoint(server.grpc_url, server.process.pid, server.metrics_url)
 
 
-def triton_stats(url: str) -> dict[str, dict[str, int]]:
-    """Cumulative per-model counters from Triton's statistics extension (all models)."""
+def triton_stats(service: Endpoint) -> dict[str, dict[str, int]]:
+    """Cumulative per-model counters from Triton's statistics extension (all models), with the query
+    encoder's embedding-cache hits and misses from the metrics endpoint where the service has one."""
+    import urllib.request
+
     import tritonclient.grpc as grpcclient
+
+    from loadtests.metrics import cache_lookups
+
+    url, metrics_url = service.grpc, service.metrics
 
     with grpcclient.InferenceServerClient(url) as client:
         stats = client.get_inference_statistics(as_json=True)["model_stats"]
@@ -209,7 +227,18 @@ def triton_stats(url: str) -> dict[str, dict[str, int]]:
         out[m["name"]] = {"requests": int(i.get("success", {}).get("count", 0)), "queue_ns": ns(i, "queue"),
                           "compute_ns": executed,
                           "executions": int(m.get("execution_count", 0)), "rows": int(m.get("inference_count", 0))}
+    if metrics_url and spec.QUERY_ENCODER in out:
+        with urllib.request.urlopen(metrics_url, timeout=10) as r:
+            lookups = cache_lookups(r.read().decode(), spec.QUERY_ENCODER)
+        out[spec.QUERY_ENCODER].update(cache_hits=lookups["hit"], cache_misses=lookups["miss"])
     return out
+
+
+def cache_share(after: dict, before: dict) -> float:
+    """Share of embedding-cache lookups that hit between two readings (0 without a cache)."""
+    hits = after.get("cache_hits", 0) - before.get("cache_hits", 0)
+    misses = after.get("cache_misses", 0) - before.get("cache_misses", 0)
+    return hits / (hits + misses) if hits + misses > 0 else 0.0
 
 
 def step_costs(before: dict, after: dict) -> dict[str, dict[str, float]]:
@@ -224,7 +253,8 @@ def step_costs(before: dict, after: dict) -> dict[str, dict[str, float]]:
             continue
         out[name] = {"requests": requests, "queue_ms": (a["queue_ns"] - b["queue_ns"]) / requests / 1e6,
                      "compute_ms": (a["compute_ns"] - b["compute_ns"]) / requests / 1e6,
-                     "avg_batch": (a["rows"] - b["rows"]) / max(executions, 1)}
+                     "avg_batch": (a["rows"] - b["rows"]) / max(executions, 1),
+                     "from_cache": cache_share(a, b)}
     return out
 
 
@@ -235,7 +265,7 @@ def agreement_requests(catalog_dir: Path, n: int, seed: int) -> list[traffic.Ran
 
 
 def measure_level(url: str, requests: list[bytes], concurrency: int, seconds: float) -> Level:
-    calls = closed_loop(url, requests, concurrency, seconds)
+    calls = closed_loop(url, requests, concurrency, seconds, cycle=False)
     ok = [x.latency_ms for x in calls if x.code == OK]
     refused = sorted((x.latency_ms for x in calls if x.code != OK), reverse=True)
     return Level(concurrency, len(calls), len(calls) - len(ok), len(ok) / seconds, percentile(ok, 50),
@@ -243,7 +273,7 @@ def measure_level(url: str, requests: list[bytes], concurrency: int, seconds: fl
 
 
 def paired_rounds(s: BenchSettings, results: dict[str, ServiceResult], repositories: dict[str, Path],
-                  server_cpus, requests: dict[int, list[bytes]]) -> list[PairedRound]:
+                  server_cpus, fresh: FreshStreams) -> list[PairedRound]:
     """`s.paired_rounds` rounds; in each, for every candidate count, the naive service then the bundle
     at the concurrency their sweep headline came from. Both servers stay up on the same CPUs, so
     no restart sits between the two halves of a round; an idle server's CPU is recorded to show
@@ -259,19 +289,22 @@ def paired_rounds(s: BenchSettings, results: dict[str, ServiceResult], repositor
     rounds: list[PairedRound] = []
     if not levels or s.paired_rounds < 1:
         return rounds
-    with serve(NAIVE, s.profile, repositories, server_cpus) as (naive_url, naive_pid), \
-            serve(TRITON_COMPRESSED, s.profile, repositories, server_cpus) as (bundle_url, bundle_pid):
+    with serve(NAIVE, s.profile, repositories, server_cpus) as naive, \
+            serve(TRITON_COMPRESSED, s.profile, repositories, server_cpus) as bundle:
+        naive_url, naive_pid, bundle_url, bundle_pid = naive.grpc, naive.pid, bundle.grpc, bundle.pid
         for n in levels:  # warm both at every size before the first round
-            closed_loop(naive_url, requests[n], 1, 1.0, warmup_s=0.5)
-            closed_loop(bundle_url, requests[n], 1, 1.0, warmup_s=0.5)
+            warm = fresh.for_closed_loop(n, 1.0, "rounds-warm")
+            closed_loop(naive_url, warm, 1, 1.0, warmup_s=0.5, cycle=False)
+            closed_loop(bundle_url, warm, 1, 1.0, warmup_s=0.5, cycle=False)
         cpu_s = lambda pid: sum(tree_cpu_by_part(pid).values())  # noqa: E731
         for i in range(s.paired_rounds):
             for n, (naive_conc, bundle_conc) in levels.items():
+                stream = fresh.for_closed_loop(n, s.seconds, f"round-{i}")
                 bundle_cpu0 = cpu_s(bundle_pid)
-                naive_level = measure_level(naive_url, requests[n], naive_conc, s.seconds)
+                naive_level = measure_level(naive_url, stream, naive_conc, s.seconds)
                 bundle_idle_s = cpu_s(bundle_pid) - bundle_cpu0
                 naive_cpu0 = cpu_s(naive_pid)
-                bundle_level = measure_level(bundle_url, requests[n], bundle_conc, s.seconds)
+                bundle_level = measure_level(bundle_url, stream, bundle_conc, s.seconds)
                 naive_idle_s = cpu_s(naive_pid) - naive_cpu0
                 r = PairedRound(n, naive_level, bundle_level, round(1000 * (bundle_idle_s + naive_idle_s), 1))
                 rounds.append(r)
@@ -281,13 +314,14 @@ def paired_rounds(s: BenchSettings, results: dict[str, ServiceResult], repositor
     return rounds
 
 
-def measure_service(name: str, url: str, pid: int, requests: dict[int, list[bytes]],
+def measure_service(name: str, service: Endpoint, fresh: FreshStreams,
                     agreement: list[traffic.RankRequest], s: BenchSettings,
                     perf_requests: list[traffic.RankRequest] | None = None) -> ServiceResult:
     from search_rank_client import SearchClient
     from model_repository.triton_server import tree_cpu_by_part
 
     result = ServiceResult(name)
+    url, pid = service.grpc, service.pid
     with SearchClient(url, timeout_s=60) as c:
         for r in agreement:
             ranked = c.rank(r.query, r.user_id, r.candidate_ids, top_k=10)
@@ -297,17 +331,17 @@ def measure_service(name: str, url: str, pid: int, requests: dict[int, list[byte
             if len(ids) != 10 or not set(ids) <= set(r.candidate_ids.tolist()) or scores != sorted(scores, reverse=True):
                 raise RuntimeError(f"{name} broke the search_rank contract: {ids} {scores}")
             result.top10.append(ids)
-    for n, reqs in requests.items():
-        closed_loop(url, reqs, 2, 1.0, warmup_s=0.5)  # warm this request size
+    for n in s.candidates:
+        closed_loop(url, fresh.for_closed_loop(n, 1.0, "warm"), 2, 1.0, warmup_s=0.5, cycle=False)  # warm this size
         cpu0, done = tree_cpu_by_part(pid), 0
-        stats0 = triton_stats(url) if name != NAIVE else None
+        stats0 = triton_stats(service) if name != NAIVE else None
         result.levels[n] = []
         result.batch[n] = {}
         for conc in s.concurrency:
-            level0 = triton_stats(url) if stats0 is not None else None
-            lv = measure_level(url, reqs, conc, s.seconds)
+            level0 = triton_stats(service) if stats0 is not None else None
+            lv = measure_level(url, fresh.for_closed_loop(n, s.seconds, f"sweep-c{conc}"), conc, s.seconds)
             if level0 is not None:
-                result.batch[n][conc] = {m: c["avg_batch"] for m, c in step_costs(level0, triton_stats(url)).items()}
+                result.batch[n][conc] = {m: c["avg_batch"] for m, c in step_costs(level0, triton_stats(service)).items()}
             done += lv.calls - lv.errors
             result.levels[n].append(lv)
             log.info("%s, %d candidates, concurrency %d: %.1f/s, p50 %.1f p99 %.1f ms, %d errors", name, n, conc,
@@ -318,10 +352,16 @@ def measure_service(name: str, url: str, pid: int, requests: dict[int, list[byte
         result.cpu_ms_by_part[n] = parts
         result.cpu_ms_per_request[n] = sum(parts.values())
         if stats0 is not None:
-            result.steps[n] = step_costs(stats0, triton_stats(url))
+            result.steps[n] = step_costs(stats0, triton_stats(service))
     if s.perf_analyzer is not None and perf_requests and name in (NAIVE, TRITON_COMPRESSED):
         try:
+            stats0 = triton_stats(service) if name != NAIVE else None
             result.perf = perf_cross_check(s, url, name, perf_requests)
+            if stats0 is not None:
+                # perf_analyzer replays its input list: what share of queries the cache answered shows
+                # how far that replay, not the traffic, made the figure
+                encoder = step_costs(stats0, triton_stats(service)).get(spec.QUERY_ENCODER, {})
+                result.perf["encoder_from_cache"] = encoder.get("from_cache", 0.0)
         except RuntimeError as e:  # reported in the table; the closed-loop figures still stand
             result.perf_error = str(e).splitlines()[0][:300]
             log.warning("%s: %s", name, result.perf_error)
@@ -510,17 +550,18 @@ def step_table(results: dict[str, ServiceResult], n: int) -> list[str]:
                   "with one server core a step's wall time includes waiting for the core while the other step runs. "
                   "CPU is the user+system time of the step's own process, its python-backend stub, per completed "
                   "call; tritonserver's row is gRPC, the ensemble and the batchers):", "",
-                  "| step | requests | queue ms / request | compute ms / request | average batch | CPU ms / request |",
-                  "|---|---:|---:|---:|---:|---:|"]
+                  "| step | requests | embedding cache hits | queue ms / request | compute ms / request "
+                  "| average batch | CPU ms / request |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
         for model, c in steps.items():
             used = f"{cpu[model]:.2f}" if model in cpu else "-"
-            lines.append(f"| {model} | {c['requests']} | {c['queue_ms']:.2f} | {c['compute_ms']:.2f} | "
-                         f"{c['avg_batch']:.2f} | {used} |")
+            lines.append(f"| {model} | {c['requests']} | {100 * c.get('from_cache', 0.0):.0f}% | {c['queue_ms']:.2f} | "
+                         f"{c['compute_ms']:.2f} | {c['avg_batch']:.2f} | {used} |")
         others = {part: ms for part, ms in cpu.items() if part not in steps}
         for part, ms in sorted(others.items()):
-            lines.append(f"| {part} | | | | | {ms:.2f} |")
+            lines.append(f"| {part} | | | | | | {ms:.2f} |")
         total = sum(c["compute_ms"] for c in steps.values())
-        lines.append(f"| all steps | | {sum(c['queue_ms'] for c in steps.values()):.2f} | {total:.2f} | | "
+        lines.append(f"| all steps | | | {sum(c['queue_ms'] for c in steps.values()):.2f} | {total:.2f} | | "
                      f"{sum(cpu.values()):.2f} |")
     return lines
 
@@ -544,13 +585,17 @@ def perf_section(results: dict[str, ServiceResult], s: BenchSettings) -> list[st
         return []
     lines = [f"## Cross-check with Triton's perf_analyzer ({s.perf_candidates} candidates, concurrency "
              f"{s.perf_concurrency}, the same seeded requests as the closed loop)", "",
-             "| service | infer/s | p50 ms | p99 ms |", "|---|---:|---:|---:|"]
-    lines += [f"| {name} | {p['infer_per_s']:.1f} | {p['p50_ms']:.1f} | {p['p99_ms']:.1f} |" for name, p in measured.items()]
-    lines += [f"| {name} | stopped: {err} | | |" for name, err in failed.items()]
+             "| service | infer/s | p50 ms | p99 ms | embedding cache hits |", "|---|---:|---:|---:|---:|"]
+    cached = lambda p: f"{100 * p['encoder_from_cache']:.0f}%" if "encoder_from_cache" in p else "no cache"  # noqa: E731
+    lines += [f"| {name} | {p['infer_per_s']:.1f} | {p['p50_ms']:.1f} | {p['p99_ms']:.1f} | {cached(p)} |"
+              for name, p in measured.items()]
+    lines += [f"| {name} | stopped: {err} | | | |" for name, err in failed.items()]
     if NAIVE in measured and TRITON_COMPRESSED in measured and measured[NAIVE]["infer_per_s"] > 0:
         ratio = measured[TRITON_COMPRESSED]["infer_per_s"] / measured[NAIVE]["infer_per_s"]
         lines += ["", f"perf_analyzer ratio, bundle / naive: {ratio:.1f}x (reported beside the closed-loop "
-                  "figures above, not gated: perf_analyzer keeps the concurrency fixed whatever the p99)."]
+                  "figures above, not gated: perf_analyzer keeps the concurrency fixed whatever the p99, and it "
+                  f"replays its list of {PERF_REQUESTS} requests, so the cache may answer more queries than the "
+                  "traffic repeats; compare its cache share with the closed loop's in the step table)."]
     return lines + [""]
 
 
@@ -605,9 +650,11 @@ def markdown(results: dict[str, ServiceResult], agree: dict[str, float], eff: di
     lines += perf_section(results, s)
     lines += [f"![p99 latency vs throughput]({image})", "",
               "How: each service is started alone; its server process tree is pinned to the server CPUs and the load "
-              "generator (`loadtests/grpc_load.py`, serialized requests on raw gRPC futures) to the rest. The same seeded "
-              "requests (loadtests/traffic.py) are sent in a closed loop at each concurrency level for "
-              f"{s.seconds:g} s. CPU per request is the server tree's user+system time over the sweep divided by the "
+              "generator (`loadtests/grpc_load.py`, serialized requests on raw gRPC futures) to the rest. Each level "
+              "sends its own seeded stream (loadtests/traffic.py; the same stream to every service), in a closed loop "
+              f"for {s.seconds:g} s, and never sends a request twice: the Triton services' query encoder keeps the "
+              "embeddings of texts it has seen, so only the repeats the traffic model makes (popular queries from a "
+              "Zipf pool, 60% of queries; a new pool each level) may hit it. The naive service has no cache. CPU per request is the server tree's user+system time over the sweep divided by the "
               "calls it completed. Agreement: mean top-10 overlap with the naive PyTorch FP32 service on "
               f"{s.agreement_queries} requests of 100 candidates. Where a baseline meets the p99 budget at no "
               "level (naive or Triton FP32), the ratio uses its peak throughput at any level instead (the conservative choice).", ""]
@@ -623,16 +670,17 @@ def run(s: BenchSettings, out_md: Path, out_png: Path, command: str) -> tuple[di
     with tempfile.TemporaryDirectory(dir=build_root()) as tmp:
         repositories = render_repositories(s.profile, Path(tmp), len(server_cpus) if server_cpus else None)
         catalog = served_catalog_dir(repositories[TRITON_COMPRESSED])
-        ranked = {n: rank_requests(catalog, 256, n, s.seed) for n in {*s.candidates, s.perf_candidates}}
-        requests = {n: [serialize(r) for r in ranked[n]] for n in s.candidates}
+        fresh = FreshStreams(catalog, s.seed)
+        # perf_analyzer cycles its input: enough distinct requests for its at most 20 windows of 200
+        perf_requests = rank_requests(catalog, PERF_REQUESTS, s.perf_candidates, s.seed)
         agree_reqs = agreement_requests(catalog, s.agreement_queries, s.seed)
         try:
             if load_cpus:
                 os.sched_setaffinity(0, load_cpus)
             for name in SERVICES:
-                with serve(name, s.profile, repositories, server_cpus) as (url, pid):
-                    results[name] = measure_service(name, url, pid, requests, agree_reqs, s, ranked[s.perf_candidates])
-            rounds = paired_rounds(s, results, repositories, server_cpus, requests)
+                with serve(name, s.profile, repositories, server_cpus) as service:
+                    results[name] = measure_service(name, service, fresh, agree_reqs, s, perf_requests)
+            rounds = paired_rounds(s, results, repositories, server_cpus, fresh)
         finally:
             os.sched_setaffinity(0, before)
     eff = encoder_efficiency(s.profile, server_cpus)

@@ -237,12 +237,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, help="repository folder (default: build/model_repository)")
     p.add_argument("--ort-threads", type=int, default=spec.DEFAULT_ORT_THREADS,
                    help="ONNX Runtime threads per model instance (encoder and ranker)")
+    p.add_argument("--query-cache-entries", type=int, default=spec.QUERY_CACHE_ENTRIES,
+                   help="texts each CPU query encoder instance keeps embeddings of (0: no cache)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         artifacts, dim = read_artifacts_manifest(args.artifacts)
         target = spec.GPU if args.encoder_plan else spec.CPU
-        pipeline = spec.build_spec(dim, target=target, ort_threads=args.ort_threads)
+        pipeline = spec.build_spec(dim, target=target, ort_threads=args.ort_threads,
+                                   query_cache_entries=args.query_cache_entries)
         out = render_repository(pipeline, artifacts, args.out or build_root() / "model_repository",
                                 encoder_plan=args.encoder_plan)
     except (FileNotFoundError, ValueError) as e:

@@ -184,13 +184,22 @@ RANKER_ROWS_PER_RUN = 1024
 # sometimes slept its full 500 ms default wait with every caller's request queued, and they were
 # refused at the 100 ms queue timeout: 8 such stalls in 4 x 45 s at concurrency 8, 100 candidates;
 # with two, none, and 590-678/s against 547-628/s (at 1000 candidates 432-457 against 417-428/s,
-# no stall either way), one core, 2026-12-02 (docs/reliability.md). Two ranker instances made the
-# encoder's stalls more frequent (31), so the ranker keeps one.
+# no stall either way), one core, 2026-12-02 (docs/reliability.md).
 CPU_ENCODER_INSTANCES = 2
+# Two CPU ranker instances since the query-embedding cache: with most queries answered from the
+# cache the ranker is the busy model, and with one instance its batcher stalled the same way
+# (216 of 3464 calls refused after 500 ms in 15 s at concurrency 8, 100 candidates); with two,
+# none in 15 s at concurrency 4 and 8, at 100 and at 1000 candidates (2026-12-06,
+# docs/reliability.md). The catalog is memory-mapped, so the second stub shares its pages.
+CPU_RANKER_INSTANCES = 2
+# Texts each CPU query encoder instance keeps embeddings of (backends/embedding_cache.py): an
+# entry is 384 floats plus the text, under 2 KB, so about 30 MB per instance. Not Triton's response
+# cache: Triton 2.51 stores a model's refusals too, without their error (docs/architecture.md).
+QUERY_CACHE_ENTRIES = 16384
 
 
 def build_spec(embedding_dim: int, *, target: str = CPU, encoder_instances: int | None = None,
-               ort_threads: int = DEFAULT_ORT_THREADS,
+               ort_threads: int = DEFAULT_ORT_THREADS, query_cache_entries: int = QUERY_CACHE_ENTRIES,
                queue_policy: QueuePolicy | None = DEFAULT_QUEUE_POLICY) -> PipelineSpec:
     """The pipeline for an encoder of `embedding_dim` (384 for all-MiniLM-L6-v2) on `target`.
 
@@ -199,6 +208,8 @@ def build_spec(embedding_dim: int, *, target: str = CPU, encoder_instances: int 
     must refuse, or its queue grows until callers hit their deadlines (docs/reliability.md)."""
     if target not in TARGETS:
         raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+    if query_cache_entries < 0:
+        raise ValueError(f"query_cache_entries must be >= 0, got {query_cache_entries}")
     if encoder_instances is None:  # one TensorRT plan per GPU; not measured otherwise
         encoder_instances = CPU_ENCODER_INSTANCES if target == CPU else 1
     emb = text_embedding(embedding_dim)
@@ -216,6 +227,8 @@ def build_spec(embedding_dim: int, *, target: str = CPU, encoder_instances: int 
         max_batch_size=RANKER_MAX_REQUESTS,
         dynamic_batching=dataclasses.replace(RANKER_BATCHING, queue=queue_policy),
         ragged_inputs=(CANDIDATE_IDS.name,),
+        # The same on both targets (a GPU pod resizes it to its CPUs: deploy/gpu_pod.py).
+        instance_count=CPU_RANKER_INSTANCES,
         parameters={**threads, "max_candidates": str(MAX_CANDIDATES), "max_rows_per_run": str(RANKER_ROWS_PER_RUN)},
     )
     if target == CPU:
@@ -231,7 +244,10 @@ def build_spec(embedding_dim: int, *, target: str = CPU, encoder_instances: int 
             max_batch_size=ENCODER_MAX_BATCH,
             dynamic_batching=dataclasses.replace(ENCODER_BATCHING, queue=queue_policy),
             instance_count=encoder_instances,
-            parameters={**threads, **text_params},
+            # Search traffic repeats its head queries, and a text's embedding depends on the text
+            # alone, so each instance answers repeats from its own cache (0 turns it off). Not on
+            # the GPU rendering: its encoder is a TensorRT plan fed token ids, and untested there.
+            parameters={**threads, **text_params, "cache_entries": str(query_cache_entries)},
         )
         models = (encoder, ranker)
         encode_steps = (Step(QUERY_ENCODER, {ENCODER_TEXT.name: QUERY.name}, {emb.name: "_query_embedding"}),)

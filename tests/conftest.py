@@ -47,6 +47,26 @@ def triton(ci_repository):
         pytest.fail(f"tritonserver could not start: {e}", pytrace=False)
 
 
+@pytest.fixture(scope="session")
+def onnx_encoder(ci_models):
+    """The served encoder file run by ONNX Runtime outside Triton, one unpadded text at a time:
+    the reference a served embedding is compared with."""
+    import numpy as np
+    import onnxruntime as ort
+    from tokenizers import Tokenizer
+
+    from conversion.export_encoder import ENCODER_ONNX, TOKENIZER_JSON
+
+    session = ort.InferenceSession(str(ci_models["encoder"] / ENCODER_ONNX), providers=["CPUExecutionProvider"])
+    tok = Tokenizer.from_file(str(ci_models["encoder"] / TOKENIZER_JSON))
+
+    def embed(text: str) -> np.ndarray:
+        ids = np.array([tok.encode(text).ids], dtype=np.int64)
+        return session.run(None, {spec.INPUT_IDS.name: ids, spec.ATTENTION_MASK.name: np.ones_like(ids)})[0][0]
+
+    return embed
+
+
 @pytest.fixture()
 def search_client(triton):
     from search_rank_client import SearchClient

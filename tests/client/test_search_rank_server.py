@@ -8,7 +8,6 @@ from tritonclient.utils import InferenceServerException
 
 from search_rank_client import InvalidRequest, RetryPolicy, SearchClient
 from conversion.catalog_generator import Catalog
-from conversion.export_encoder import ENCODER_ONNX, TOKENIZER_JSON
 from conversion.reference_pipeline import ReferencePipeline
 from model_repository import spec
 
@@ -84,21 +83,6 @@ def test_unknown_ids_are_scored_not_rejected(search_client, catalog):
     # Unknown items share the cold-start features, so identical inputs must give identical scores.
     assert by_id[unknown[0]] == by_id[unknown[1]] == by_id[unknown[2]]
     assert all(0.0 < s < 1.0 for s in by_id.values())
-
-
-@pytest.fixture(scope="module")
-def onnx_encoder(ci_models):
-    import onnxruntime as ort
-    from tokenizers import Tokenizer
-
-    session = ort.InferenceSession(str(ci_models["encoder"] / ENCODER_ONNX), providers=["CPUExecutionProvider"])
-    tok = Tokenizer.from_file(str(ci_models["encoder"] / TOKENIZER_JSON))
-
-    def embed(text: str) -> np.ndarray:
-        ids = np.array([tok.encode(text).ids], dtype=np.int64)
-        return session.run(None, {spec.INPUT_IDS.name: ids, spec.ATTENTION_MASK.name: np.ones_like(ids)})[0][0]
-
-    return embed
 
 
 UNICODE_TEXTS = [

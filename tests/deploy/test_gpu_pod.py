@@ -91,7 +91,7 @@ def test_cpu_rendering_is_not_resized(ci_bundle, tmp_path):
     counts = {p.parent.name: read_config(p).instance_group[0].count
               for p in repo.glob(f"*/{CONFIG}") if read_config(p).platform != "ensemble"}
     # the spec's tuned counts, whatever the pod's 32 CPUs
-    assert counts == {spec.QUERY_ENCODER: spec.CPU_ENCODER_INSTANCES, spec.RANKER: 1}, counts
+    assert counts == {spec.QUERY_ENCODER: spec.CPU_ENCODER_INSTANCES, spec.RANKER: spec.CPU_RANKER_INSTANCES}, counts
 
 
 def test_gpu_extra_pins_the_images_tensorrt():

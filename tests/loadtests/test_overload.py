@@ -11,6 +11,7 @@ import pytest
 from conversion.stages import REPO_ROOT
 from loadtests import grpc_load, overload
 from model_repository.render import read_config
+from model_repository.runtime import served_catalog_dir
 from model_repository.triton_server import run_triton_server
 
 
@@ -62,13 +63,13 @@ def test_cli_refuses_bad_settings():
 def test_three_times_capacity_is_refused_fast_and_admitted_calls_stay_fast(ci_repository):
     s = overload.OverloadSettings(capacity_s=4.0, duration_s=6.0)
     server_cpus, load_cpus = grpc_load.split_cpus()
-    requests = grpc_load.repository_requests(ci_repository, 256, s.candidates, s.seed)
+    streams = grpc_load.FreshStreams(served_catalog_dir(ci_repository), s.seed)
     before = os.sched_getaffinity(0)
     try:
         if load_cpus:
             os.sched_setaffinity(0, load_cpus)
         with run_triton_server(ci_repository, cpus=server_cpus) as server:
-            capacity, report = overload.run_phase("ci", server.grpc_url, requests, s)
+            capacity, report = overload.run_phase("ci", server.grpc_url, streams, s)
             from search_rank_client import SearchClient
 
             with SearchClient(server.grpc_url, timeout_s=30) as c:  # healthy afterwards

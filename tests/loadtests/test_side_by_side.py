@@ -34,7 +34,8 @@ def test_step_costs_are_per_request_deltas_and_skip_ensembles():
              "query_encoder": {"requests": 4, "queue_ns": 400_000, "compute_ns": 8_000_000, "executions": 1, "rows": 4}}
     costs = sbs.step_costs(before, after)
     assert set(costs) == {"ranker", "query_encoder"}
-    assert costs["ranker"] == {"requests": 20, "queue_ms": 0.2, "compute_ms": 2.0, "avg_batch": 4.0}
+    assert costs["ranker"] == {"requests": 20, "queue_ms": 0.2, "compute_ms": 2.0, "avg_batch": 4.0,
+                               "from_cache": 0.0}
     assert costs["query_encoder"]["avg_batch"] == 4.0 and costs["query_encoder"]["compute_ms"] == 2.0
 
 

@@ -303,3 +303,32 @@ def test_gpu_rendering_serves_the_encoder_from_a_tensorrt_plan(ci_models, ci_pip
         assert [(t.name, t.data_type, list(t.dims)) for t in configs[ensemble].input] == \
                [(t.name, t.data_type, list(t.dims)) for t in parse(Path(ci_repository) / ensemble / "config.pbtxt").input]
     assert json.loads((repo / "MANIFEST.json").read_text())["target"] == "gpu"
+
+
+# ---- embedding cache and instances ---------------------------------------------------------
+
+def test_query_encoder_keeps_a_bounded_embedding_cache_and_nothing_uses_tritons(configs):
+    from model_repository.spec import QUERY_CACHE_ENTRIES
+
+    assert configs["query_encoder"].parameters["cache_entries"].string_value == str(QUERY_CACHE_ENTRIES)
+    assert QUERY_CACHE_ENTRIES > 0
+    # Triton 2.51's response cache stores refusals as empty successes (docs/architecture.md)
+    assert not any(cfg.response_cache.enable for cfg in configs.values())
+
+
+def test_cache_size_is_a_spec_setting_and_zero_turns_it_off():
+    from model_repository import spec
+    from model_repository.render import model_config
+
+    off = spec.build_spec(384, query_cache_entries=0)
+    (encoder,) = [m for m in off.models if m.name == spec.QUERY_ENCODER]
+    assert model_config(encoder).parameters["cache_entries"].string_value == "0"
+    with pytest.raises(ValueError, match="query_cache_entries"):
+        spec.build_spec(384, query_cache_entries=-1)
+
+
+def test_ranker_has_two_instances_on_cpu(configs):
+    from model_repository.spec import CPU_RANKER_INSTANCES
+
+    # one instance left its batcher stalled once the cache made the ranker the busy model
+    assert [g.count for g in configs["ranker"].instance_group] == [CPU_RANKER_INSTANCES] and CPU_RANKER_INSTANCES >= 2
