@@ -65,14 +65,15 @@ def measure(repository: Path, delays: list[int], concurrency: list[int], candida
             with tempfile.TemporaryDirectory(dir=build_root()) as tmp:
                 variant = with_encoder_delay(repository, Path(tmp) / "model_repository", delay)
                 with run_triton_server(variant, cpus=server_cpus) as server:
+                    service = Endpoint(server.grpc_url, server.process.pid, server.metrics_url)
                     closed_loop(server.grpc_url, streams.for_closed_loop(candidates, 1.0, "warm"), 2, 1.0,
                                 warmup_s=0.5, cycle=False)
                     for conc in concurrency:
-                        stats0 = triton_stats(Endpoint(server.grpc_url, server.process.pid, server.metrics_url))
+                        stats0 = triton_stats(service)
                         # the same stream at this level for every delay, never a request twice
                         calls = closed_loop(server.grpc_url, streams.for_closed_loop(candidates, seconds, f"c{conc}"),
                                             conc, seconds, cycle=False)
-                        steps = step_costs(stats0, triton_stats(Endpoint(server.grpc_url, server.process.pid, server.metrics_url)))
+                        steps = step_costs(stats0, triton_stats(service))
                         ok = [c.latency_ms for c in calls if c.code == OK]
                         rows.append(Row(delay, conc, len(ok) / seconds, percentile(ok, 99), len(calls) - len(ok),
                                         steps.get(spec.QUERY_ENCODER, {}).get("avg_batch", 0.0),

@@ -78,7 +78,7 @@ class PhaseReport:
 
 def measure_capacity(target: str, requests: list[bytes], concurrency: int, seconds: float) -> float:
     """Completed search_rank calls per second with `concurrency` calls always in flight, each request
-    sent once (a repeat would be a response-cache hit the traffic did not make)."""
+    sent once (a repeat would be an embedding-cache hit the traffic did not make)."""
     calls = closed_loop(target, requests, concurrency, seconds, cycle=False)
     return sum(c.code == OK for c in calls) / seconds
 

@@ -369,7 +369,7 @@ def measure_service(name: str, service: Endpoint, fresh: FreshStreams,
 
 
 def perf_cross_check(s: BenchSettings, url: str, name: str, requests: list[traffic.RankRequest]) -> dict[str, float]:
-    """perf_analyzer at `s.perf_concurrency` on the same seeded requests as the closed loop."""
+    """perf_analyzer at `s.perf_concurrency` on seeded requests from the same traffic model as the closed loop."""
     from loadtests.latency import perf_analyzer, read_perf_csv
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -584,7 +584,7 @@ def perf_section(results: dict[str, ServiceResult], s: BenchSettings) -> list[st
     if not measured and not failed:
         return []
     lines = [f"## Cross-check with Triton's perf_analyzer ({s.perf_candidates} candidates, concurrency "
-             f"{s.perf_concurrency}, the same seeded requests as the closed loop)", "",
+             f"{s.perf_concurrency}, seeded requests from the same traffic model as the closed loop)", "",
              "| service | infer/s | p50 ms | p99 ms | embedding cache hits |", "|---|---:|---:|---:|---:|"]
     cached = lambda p: f"{100 * p['encoder_from_cache']:.0f}%" if "encoder_from_cache" in p else "no cache"  # noqa: E731
     lines += [f"| {name} | {p['infer_per_s']:.1f} | {p['p50_ms']:.1f} | {p['p99_ms']:.1f} | {cached(p)} |"
