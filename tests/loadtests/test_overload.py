@@ -10,6 +10,7 @@ import pytest
 
 from conversion.stages import REPO_ROOT
 from loadtests import grpc_load, overload
+from model_repository import spec
 from model_repository.render import read_config
 from model_repository.runtime import served_catalog_dir
 from model_repository.triton_server import run_triton_server
@@ -58,9 +59,14 @@ def test_cli_refuses_bad_settings():
     assert r.returncode == 2 and "--candidates must be in 1..1000" in r.stderr
 
 
+def _no_embedding_cache(cfg) -> None:
+    if cfg.name == spec.QUERY_ENCODER:
+        cfg.parameters["cache_entries"].string_value = "0"
+
+
 @pytest.mark.server
 @pytest.mark.reliability
-def test_three_times_capacity_is_refused_fast_and_admitted_calls_stay_fast(ci_repository):
+def test_three_times_capacity_is_refused_fast_and_admitted_calls_stay_fast(ci_repository, tmp_path):
     s = overload.OverloadSettings(capacity_s=4.0, duration_s=6.0)
     server_cpus, load_cpus = grpc_load.split_cpus()
     streams = grpc_load.FreshStreams(served_catalog_dir(ci_repository), s.seed)
@@ -68,7 +74,12 @@ def test_three_times_capacity_is_refused_fast_and_admitted_calls_stay_fast(ci_re
     try:
         if load_cpus:
             os.sched_setaffinity(0, load_cpus)
-        with run_triton_server(ci_repository, cpus=server_cpus) as server:
+        # Without the embedding cache: with it the CI models serve about 450/s at 100 candidates, and
+        # the one-core Python open loop could not send 3x that on time (an admitted p99 of 640 ms that
+        # was the generator's own lag, in CI). Admission does not depend on the cache; `make
+        # bench-overload` measures the served configuration, cache included.
+        repository = overload.linked_copy(ci_repository, tmp_path / "model_repository", _no_embedding_cache)
+        with run_triton_server(repository, cpus=server_cpus) as server:
             capacity, report = overload.run_phase("ci", server.grpc_url, streams, s)
             from search_rank_client import SearchClient
 
