@@ -3,7 +3,8 @@
 Model names come from the pipeline spec, so a renamed model cannot leave a panel querying nothing;
 tests/deploy checks the committed JSON equals this output and that every metric it queries is one
 a real tritonserver exports. Panels: request and failure rates, latency by pipeline step, queue vs
-compute time, the autoscaling signal, batch sizes, pending requests, CPU and GPU use.
+compute time, the autoscaling signal, batch sizes, pending requests, CPU and GPU use, and the
+query embedding cache's hit rate.
 """
 from __future__ import annotations
 
@@ -91,6 +92,12 @@ def dashboard() -> dict:
         _panel(10, "GPU memory used by pod (GPU nodes)", [
             (f"sum by (pod) (nv_gpu_memory_used_bytes{{{_SEL}}})", "used {{pod}}"),
             (f"sum by (pod) (nv_gpu_memory_total_bytes{{{_SEL}}})", "total {{pod}}")], "bytes", 12, 32),
+        _panel(11, "Query embedding cache hit rate by pod (CPU nodes)", [
+            (f"sum by (pod) (rate({spec.CACHE_LOOKUPS_METRIC}{{{_SEL}, result=\"hit\"}}{_RATE}))"
+             f" / clamp_min(sum by (pod) (rate({spec.CACHE_LOOKUPS_METRIC}{{{_SEL}}}{_RATE})), 0.001)", "{{pod}}")],
+            "percentunit", 0, 40,
+            description="Share of query texts the CPU query encoder answered from its embedding cache "
+                        "(docs/architecture.md); what it buys depends on how often queries repeat."),
     ]
     variables = [
         {"name": "datasource", "type": "datasource", "query": "prometheus", "label": "Prometheus"},

@@ -16,6 +16,8 @@ import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from model_repository import spec
+
 log = logging.getLogger(__name__)
 
 SUCCESS = "nv_inference_request_success"
@@ -58,9 +60,6 @@ def parse_prometheus(text: str, wanted: tuple[str, ...] = WANTED) -> Counters:
     return out
 
 
-# The query encoder stub's embedding cache (model_repository/backends/text_encoder.py), labelled by
-# model, instance and result (hit or miss).
-CACHE_LOOKUPS = "searchrank_embedding_cache_lookups_total"
 
 
 def cache_lookups(text: str, model: str) -> dict[str, float]:
@@ -69,7 +68,7 @@ def cache_lookups(text: str, model: str) -> dict[str, float]:
     out = {"hit": 0.0, "miss": 0.0}
     for line in text.splitlines():
         m = _LINE.match(line)
-        if not m or m.group(1) != CACHE_LOOKUPS:
+        if not m or m.group(1) != spec.CACHE_LOOKUPS_METRIC:
             continue
         labels = dict(_LABEL.findall(m.group(2) or ""))
         if labels.get("model") == model and labels.get("result") in out:

@@ -196,6 +196,9 @@ CPU_RANKER_INSTANCES = 2
 # entry is 384 floats plus the text, under 2 KB, so about 30 MB per instance. Not Triton's response
 # cache: Triton 2.51 stores a model's refusals too, without their error (docs/architecture.md).
 QUERY_CACHE_ENTRIES = 16384
+# The cache's lookups on Triton's metrics endpoint (a python-backend custom counter), labelled by
+# model, instance and result ("hit" or "miss"); the benchmarks and the dashboard read it.
+CACHE_LOOKUPS_METRIC = "searchrank_embedding_cache_lookups_total"
 
 
 def build_spec(embedding_dim: int, *, target: str = CPU, encoder_instances: int | None = None,

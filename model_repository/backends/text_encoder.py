@@ -20,9 +20,6 @@ from model_repository.backends.tokenizer import TextInput
 from model_repository.runtime import ort_session
 
 
-CACHE_METRIC = "searchrank_embedding_cache_lookups_total"
-
-
 class CacheCounters:
     """The cache's hits and misses as Prometheus counters on Triton's metrics endpoint, labelled by
     model, instance (each instance's stub has its own cache) and result. Every increment is a
@@ -34,8 +31,8 @@ class CacheCounters:
         self.family = self.metrics = None
         if family_cls is not None:
             # kept: the stub deletes a family with its last reference, and its metrics then fail
-            self.family = family_cls(name=CACHE_METRIC, description="query encoder embedding cache lookups, by result",
-                                     kind=family_cls.COUNTER)
+            self.family = family_cls(name=spec.CACHE_LOOKUPS_METRIC, kind=family_cls.COUNTER,
+                                     description="query encoder embedding cache lookups, by result")
             labels = {"model": model, "instance": instance}
             self.metrics = (self.family.Metric(labels={**labels, "result": "hit"}),
                             self.family.Metric(labels={**labels, "result": "miss"}))

@@ -33,7 +33,8 @@ K8S_VERSIONS = ("1.29.0", "1.37.0")
 # are checked by the structural tests below instead.
 CRD_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor")}
 READY_PATH = f"/v2/models/{spec.SEARCH_RANK}/ready"
-METRIC = re.compile(r"\b(nv_[a-z_]+)\b")
+# Triton's own metrics and the query encoder's custom cache counter
+METRIC = re.compile(r"\b((?:nv|searchrank_embedding)_[a-z_]+)\b")
 
 
 @pytest.fixture(scope="module")
