@@ -15,6 +15,7 @@ import time
 import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 from model_repository import spec
 
@@ -38,41 +39,40 @@ _LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 Counters = dict[tuple[str, str], float]  # (metric, model) -> value, summed over versions
 
 
-def parse_prometheus(text: str, wanted: tuple[str, ...] = WANTED) -> Counters:
-    """Per-model values of the wanted metrics from Prometheus text exposition format."""
-    out: Counters = {}
+def _samples(text: str) -> Iterator[tuple[str, dict[str, str], float]]:
+    """(metric, labels, value) of every sample line in Prometheus text exposition format."""
     for line in text.splitlines():
         if not line or line.startswith("#"):
             continue
         m = _LINE.match(line)
-        if not m or m.group(1) not in wanted:
-            continue
-        labels = dict(_LABEL.findall(m.group(2) or ""))
-        model = labels.get("model")
-        if model is None:
+        if not m:
             continue
         try:
             value = float(m.group(3))
         except ValueError:
             continue
-        key = (m.group(1), model)
+        yield m.group(1), dict(_LABEL.findall(m.group(2) or "")), value
+
+
+def parse_prometheus(text: str, wanted: tuple[str, ...] = WANTED) -> Counters:
+    """Per-model values of the wanted metrics from Prometheus text exposition format."""
+    out: Counters = {}
+    for name, labels, value in _samples(text):
+        model = labels.get("model")
+        if name not in wanted or model is None:
+            continue
+        key = (name, model)
         out[key] = out.get(key, 0.0) + value
     return out
-
-
 
 
 def cache_lookups(text: str, model: str) -> dict[str, float]:
     """{"hit": n, "miss": n} of `model`'s embedding cache, summed over its instances (zeros where
     the server exports none: the cache is off, or the stubs have not reported yet)."""
     out = {"hit": 0.0, "miss": 0.0}
-    for line in text.splitlines():
-        m = _LINE.match(line)
-        if not m or m.group(1) != spec.CACHE_LOOKUPS_METRIC:
-            continue
-        labels = dict(_LABEL.findall(m.group(2) or ""))
-        if labels.get("model") == model and labels.get("result") in out:
-            out[labels["result"]] += float(m.group(3))
+    for name, labels, value in _samples(text):
+        if name == spec.CACHE_LOOKUPS_METRIC and labels.get("model") == model and labels.get("result") in out:
+            out[labels["result"]] += value
     return out
 
 
@@ -124,9 +124,14 @@ def series(samples: list[Sample]) -> list[tuple[float, ModelBreakdown]]:
     return [(b.t, row) for a, b in zip(samples, samples[1:]) for row in breakdown(a, b)]
 
 
-def scrape(url: str, timeout_s: float = 2.0) -> Counters:
+def fetch(url: str, timeout_s: float = 2.0) -> str:
+    """The metrics endpoint's text."""
     with urllib.request.urlopen(url, timeout=timeout_s) as resp:
-        return parse_prometheus(resp.read().decode("utf-8", errors="replace"))
+        return resp.read().decode("utf-8", errors="replace")
+
+
+def scrape(url: str, timeout_s: float = 2.0) -> Counters:
+    return parse_prometheus(fetch(url, timeout_s))
 
 
 @dataclass

@@ -206,11 +206,9 @@ def serve(name: str, profile: str, repositories: dict[str, Path], cpus) -> Itera
 def triton_stats(service: Endpoint) -> dict[str, dict[str, int]]:
     """Cumulative per-model counters from Triton's statistics extension (all models), with the query
     encoder's embedding-cache hits and misses from the metrics endpoint where the service has one."""
-    import urllib.request
-
     import tritonclient.grpc as grpcclient
 
-    from loadtests.metrics import cache_lookups
+    from loadtests.metrics import cache_lookups, fetch
 
     url, metrics_url = service.grpc, service.metrics
 
@@ -228,8 +226,7 @@ def triton_stats(service: Endpoint) -> dict[str, dict[str, int]]:
                           "compute_ns": executed,
                           "executions": int(m.get("execution_count", 0)), "rows": int(m.get("inference_count", 0))}
     if metrics_url and spec.QUERY_ENCODER in out:
-        with urllib.request.urlopen(metrics_url, timeout=10) as r:
-            lookups = cache_lookups(r.read().decode(), spec.QUERY_ENCODER)
+        lookups = cache_lookups(fetch(metrics_url, timeout_s=10), spec.QUERY_ENCODER)
         out[spec.QUERY_ENCODER].update(cache_hits=lookups["hit"], cache_misses=lookups["miss"])
     return out
 

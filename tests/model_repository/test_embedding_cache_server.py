@@ -4,14 +4,13 @@ a refused text is refused again, and the hits and misses show on Triton's metric
 from __future__ import annotations
 
 import time
-import urllib.request
 import uuid
 
 import numpy as np
 import pytest
 
 from search_rank_client import InvalidRequest, SearchClient
-from loadtests.metrics import cache_lookups
+from loadtests.metrics import cache_lookups, fetch
 from loadtests.overload import linked_copy
 from model_repository import spec
 from model_repository.triton_server import run_triton_server
@@ -37,8 +36,7 @@ def counted(ci_repository, tmp_path_factory):
 
 
 def lookups(server) -> dict[str, float]:
-    with urllib.request.urlopen(server.metrics_url, timeout=10) as r:
-        return cache_lookups(r.read().decode(), spec.QUERY_ENCODER)
+    return cache_lookups(fetch(server.metrics_url, timeout_s=10), spec.QUERY_ENCODER)
 
 
 def fresh_text() -> str:
