@@ -84,8 +84,9 @@ class BucketTokenizer:
         return groups
 
 
-def ort_session(onnx_path: Path | str, threads: int = 1, providers: Sequence[str] = ("CPUExecutionProvider",)):
-    """An ONNX Runtime session; `providers` in priority order (offline jobs may pass CUDA/TensorRT)."""
+def ort_session(onnx_path: Path | str | bytes, threads: int = 1, providers: Sequence[str] = ("CPUExecutionProvider",)):
+    """An ONNX Runtime session of a file (or a serialized model); `providers` in priority order
+    (offline jobs may pass CUDA/TensorRT)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -96,7 +97,8 @@ def ort_session(onnx_path: Path | str, threads: int = 1, providers: Sequence[str
     # steal them from whichever model is running.
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(str(onnx_path), opts, providers=list(providers))
+    model = onnx_path if isinstance(onnx_path, bytes) else str(onnx_path)
+    return ort.InferenceSession(model, opts, providers=list(providers))
 
 
 def encode_texts(tokenizer: BucketTokenizer, session, texts: Sequence[str], batch_size: int = 64,

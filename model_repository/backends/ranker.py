@@ -3,19 +3,22 @@ keeps the top K, all in one python-backend step.
 
 The batch axis of this model is requests, each with its own [N] candidates (a ragged input), so
 Triton's dynamic batcher merges concurrent requests whatever their candidate counts. The rows of
-the valid requests in a batch go through ORT in runs of at most `max_rows_per_run` rows
+the valid requests in a batch go through ORT in runs of at most `max_rows_per_run` padded rows
 (backends/scoring.py) and are split back by each request's row count: a row's score depends on
-that row only, so merging never changes a score. Nothing per candidate crosses a model boundary;
-only the query embedding comes in.
+that row and its request's query only, so merging never changes a score. Nothing per candidate
+crosses a model boundary; only the query embedding comes in, and it stays one row per request
+inside the ranker graph too (backends/ranker_graph.py).
 """
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import triton_python_backend_utils as pb_utils
 
 from model_repository import runtime, spec
 from model_repository.backends.candidates import CatalogReloader, validate_ids
 from model_repository.backends.common import BadRequest, ModelContext, input_array
+from model_repository.backends.ranker_graph import request_session
 from model_repository.backends.scoring import RankerScorer
 from model_repository.backends.top_k import select_top_k, top_k_value
 from model_repository.runtime import ort_session
@@ -57,10 +60,16 @@ class TritonPythonModel:
         self.max_candidates = int(self.ctx.param("max_candidates"))
         self.q_name = spec.query_embedding(0).name
         dim = int(next(t["dims"][-1] for t in self.ctx.config["input"] if t["name"] == self.q_name))
-        self.session = ort_session(self.ctx.version_dir / runtime.RANKER_FILE,
-                                   int(self.ctx.param("intra_op_num_threads", "1")))
-        check_ranker_graph(self.session, dim)
-        self.scorer = RankerScorer(self.session, self.q_name, int(self.ctx.param("max_rows_per_run")))
+        # The exported graph takes the query on every candidate row; the request form takes it once
+        # per request (backends/ranker_graph.py), checked against the exported one here.
+        threads = int(self.ctx.param("intra_op_num_threads", "1"))
+        model = onnx.load(str(self.ctx.version_dir / runtime.RANKER_FILE))
+        exported = ort_session(model.SerializeToString(), threads)
+        check_ranker_graph(exported, dim)
+        self.session, rewritten = request_session(model, exported, threads)
+        pb_utils.Logger.log_info(f"ranker graph in request form, similarity heads "
+                                 f"{'rewritten per request' if rewritten else 'as exported'}")
+        self.scorer = RankerScorer(self.session, int(self.ctx.param("max_rows_per_run")))
         self.catalog = CatalogReloader(self.ctx.version_dir / runtime.CATALOG_FOLDER, dim, pb_utils.Logger)
         # Warm the whole scoring path (catalog gather, the reused feeds, ORT's arena) up to the largest
         # merged batch and the longest ORT run: the first batch of a never-seen size otherwise stalls

@@ -182,3 +182,19 @@ def test_decode_text_limit_is_in_bytes_not_characters():
 def test_decode_text_round_trips(text):
     assert decode_text(text.encode("utf-8"), LABEL, 2048) == text
     assert decode_text(bytearray(text.encode("utf-8")), LABEL, 2048) == text
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_top_k_with_nans_and_ties_matches_a_full_stable_sort(seed):
+    rng = np.random.default_rng(100 + seed)
+    n = int(rng.integers(1, 60))
+    p = (rng.integers(0, 4, n) / 4).astype(np.float32)
+    p[rng.random(n) < 0.2] = np.nan
+    top = int(rng.integers(1, n + 2))
+    out_ids, _ = select_top_k(probs(p), np.arange(n, dtype=np.int64), k(top))
+    assert out_ids.tolist() == np.argsort(-p, kind="stable")[:min(top, n)].tolist()
+
+
+def test_validate_ids_names_how_many_ids_repeat():
+    with pytest.raises(BadRequest, match=r"2 repeated, e.g. 5"):
+        validate_ids(user(), ids([9, 5, 7, 5, 9, 5]), MAX)

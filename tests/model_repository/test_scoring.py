@@ -1,17 +1,20 @@
-"""The ranker's grouped, buffer-reusing scoring (model_repository/backends/scoring.py) against a
-reference built here: the ranker graph on one request per ORT call, feeds made with np.repeat."""
+"""The ranker's grouped, buffer-reusing scoring (model_repository/backends/scoring.py), on the request
+form of the ranker graph, against a reference built here: the exported graph on one request per
+ORT call, feeds made with np.repeat."""
 from __future__ import annotations
 
 import sys
 import types
 
 import numpy as np
+import onnx
 import pytest
 
 sys.modules.setdefault("triton_python_backend_utils", types.ModuleType("triton_python_backend_utils"))
 
 from model_repository import runtime, spec  # noqa: E402
-from model_repository.backends.scoring import FeedBuffers, RankerScorer, row_groups  # noqa: E402
+from model_repository.backends.ranker_graph import request_session  # noqa: E402
+from model_repository.backends.scoring import FeedBuffers, RankerScorer, request_groups  # noqa: E402
 from model_repository.runtime import CatalogTables, ort_session, stored_embeddings  # noqa: E402
 
 pytestmark = pytest.mark.unit
@@ -19,32 +22,33 @@ pytestmark = pytest.mark.unit
 
 @pytest.mark.parametrize("counts, max_rows, want", [
     ([], 1024, []),
-    ([1000, 1000, 1000], 1024, [(0, 1), (1, 2), (2, 3)]),
-    ([100] * 12, 1024, [(0, 10), (10, 12)]),
-    ([2000, 10, 1014, 1], 1024, [(0, 1), (1, 3), (3, 4)]),
-    ([5, 5], 1, [(0, 1), (1, 2)]),
-    ([3, 4], 7, [(0, 2)]),
+    ([1000, 1000, 1000], 1024, [[0], [1], [2]]),
+    ([100] * 12, 1024, [list(range(10)), [10, 11]]),
+    ([2000, 10, 1014, 1], 1024, [[3, 1], [2], [0]]),  # in order of size; 1 and 10: 20 rows padded
+    ([5, 5], 1, [[0], [1]]),
+    ([3, 4], 8, [[0, 1]]),
+    ([250, 2, 100, 33], 1024, [[1, 3], [2, 0]]),  # 2, 33, 100 would pad 300 rows for 135
+    ([90, 100, 80, 100], 1024, [[2, 0, 1, 3]]),
 ])
-def test_row_groups(counts, max_rows, want):
-    assert row_groups(counts, max_rows) == want
+def test_request_groups(counts, max_rows, want):
+    assert request_groups(counts, max_rows) == want
 
 
-def test_row_groups_cover_every_request_once_in_order_within_the_budget():
+def test_request_groups_cover_every_request_once_within_the_budget():
     rng = np.random.default_rng(0)
     for _ in range(200):
         counts = rng.integers(1, 1500, int(rng.integers(0, 12))).tolist()
         max_rows = int(rng.integers(1, 3000))
-        groups = row_groups(counts, max_rows)
-        assert [i for a, b in groups for i in range(a, b)] == list(range(len(counts)))
-        for a, b in groups:
-            assert b - a == 1 or sum(counts[a:b]) <= max_rows
-        for (a, b), (c, _) in zip(groups, groups[1:]):  # a group closes only when the next request would overflow it
-            assert sum(counts[a:b]) + counts[c] > max_rows
+        groups = request_groups(counts, max_rows)
+        assert sorted(i for g in groups for i in g) == list(range(len(counts)))
+        for g in groups:
+            padded = len(g) * max(counts[i] for i in g)
+            assert len(g) == 1 or (padded <= max_rows and padded <= 2 * sum(counts[i] for i in g))
 
 
-def test_row_groups_refuses_an_empty_budget():
+def test_request_groups_refuses_an_empty_budget():
     with pytest.raises(ValueError, match="max_rows"):
-        row_groups([1], 0)
+        request_groups([1], 0)
 
 
 def test_feed_buffers_are_reused_and_grown():
@@ -72,6 +76,14 @@ def ranker_session(ci_repository):
     return ort_session(ci_repository / spec.RANKER / "1" / runtime.RANKER_FILE, threads=1)
 
 
+@pytest.fixture(scope="module")
+def request_form(ci_repository, ranker_session):
+    model = onnx.load(str(ci_repository / spec.RANKER / "1" / runtime.RANKER_FILE))
+    session, rewritten = request_session(model, ranker_session)
+    assert rewritten  # the stage's ranker has the similarity heads the rewrite targets
+    return session
+
+
 def _batch(tables: CatalogTables, sizes, seed: int):
     rng = np.random.default_rng(seed)
     dim = tables.embedding_dim
@@ -85,9 +97,9 @@ def _batch(tables: CatalogTables, sizes, seed: int):
 
 
 @pytest.mark.parametrize("max_rows", [1, 64, 1024, 100_000])
-def test_grouped_scores_equal_one_request_per_call(ranker_session, ci_models, max_rows):
+def test_grouped_scores_equal_one_request_per_call(ranker_session, request_form, ci_models, max_rows):
     tables = CatalogTables.load(ci_models["catalog_artifact"])
-    scorer = RankerScorer(ranker_session, spec.query_embedding(0).name, max_rows)
+    scorer = RankerScorer(request_form, max_rows)
     sizes = (1, 7, 1000, 33, 100, 250, 2, 1000)
     # Twice over, with different requests: reused buffers must not carry the first batch's rows.
     for seed in (1, 2):
@@ -99,13 +111,13 @@ def test_grouped_scores_equal_one_request_per_call(ranker_session, ci_models, ma
 
 
 @pytest.mark.parametrize("dtype", ["float16", "int8"])
-def test_grouped_scores_from_a_compact_catalog(ranker_session, ci_models, tmp_path, dtype):
+def test_grouped_scores_from_a_compact_catalog(ranker_session, request_form, ci_models, tmp_path, dtype):
     full = CatalogTables.load(ci_models["catalog_artifact"], mmap=False)
     stored, scales = stored_embeddings(full.item_embeddings, dtype)
     CatalogTables(full.item_ids, stored, full.item_features, full.user_ids, full.user_features,
                   item_embedding_scales=scales).save(tmp_path)
     tables = CatalogTables.load(tmp_path)
     batch = _batch(tables, (300, 5, 1000), seed=3)
-    got = RankerScorer(ranker_session, spec.query_embedding(0).name, 512).score(tables, batch)
+    got = RankerScorer(request_form, 512).score(tables, batch)
     want = np.concatenate([_reference(ranker_session, tables, *r) for r in batch])
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
