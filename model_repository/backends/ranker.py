@@ -18,7 +18,7 @@ import triton_python_backend_utils as pb_utils
 from model_repository import runtime, spec
 from model_repository.backends.candidates import CatalogReloader, validate_ids
 from model_repository.backends.common import BadRequest, ModelContext, input_array
-from model_repository.backends.ranker_graph import request_session
+from model_repository.backends.ranker_graph import RequestSessions
 from model_repository.backends.scoring import RankerScorer
 from model_repository.backends.top_k import select_top_k, top_k_value
 from model_repository.runtime import ort_session
@@ -66,11 +66,13 @@ class TritonPythonModel:
         model = onnx.load(str(self.ctx.version_dir / runtime.RANKER_FILE))
         exported = ort_session(model.SerializeToString(), threads)
         check_ranker_graph(exported, dim)
-        self.session, rewritten = request_session(model, exported, threads)
-        pb_utils.Logger.log_info(f"ranker graph in request form, similarity heads "
-                                 f"{'rewritten per request' if rewritten else 'as exported'}")
-        self.scorer = RankerScorer(self.session, int(self.ctx.param("max_rows_per_run")))
+        self.sessions = RequestSessions(model, exported, threads)
+        self.scorer = RankerScorer(self.sessions, int(self.ctx.param("max_rows_per_run")))
         self.catalog = CatalogReloader(self.ctx.version_dir / runtime.CATALOG_FOLDER, dim, pb_utils.Logger)
+        storage = self.catalog.tables.item_embeddings.dtype.name
+        self.sessions(storage)  # built and checked now, not on the first request
+        pb_utils.Logger.log_info(f"ranker graph in request form for {storage} item rows, similarity heads "
+                                 f"{'rewritten per request' if self.sessions.rewritten else 'as exported'}")
         # Warm the whole scoring path (catalog gather, the reused feeds, ORT's arena) up to the largest
         # merged batch and the longest ORT run: the first batch of a never-seen size otherwise stalls
         # every request queued behind it.

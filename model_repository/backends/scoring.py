@@ -3,8 +3,8 @@ of at most `max_rows` padded candidate rows.
 
 The session is the request form of the ranker graph (backends/ranker_graph.py): a run takes R
 requests' query embeddings [R, d] once each and their candidates' item rows as one block
-[R, M, d], every request padded to the run's longest with the catalog's cold-start row, whose
-scores are dropped. Requests are grouped in order of size, so a run pads little: a group closes
+[R, M, d] in the catalog's storage precision, every request padded to the run's longest with the
+catalog's cold-start row, whose scores are dropped. Requests are grouped in order of size, so a run pads little: a group closes
 when its block would pass `max_rows` or hold more padding than real rows.
 
 Why groups: one 8000-row call (8 merged requests of 1000 candidates) pushes tens of MB of item and
@@ -24,7 +24,7 @@ from typing import Sequence
 import numpy as np
 
 from model_repository import spec
-from model_repository.backends.ranker_graph import ITEM, QUERY
+from model_repository.backends.ranker_graph import ITEM, QUERY, SCALE
 
 
 def request_groups(counts: Sequence[int], max_rows: int) -> list[list[int]]:
@@ -65,11 +65,12 @@ class FeedBuffers:
 
 
 class RankerScorer:
-    """Click probabilities for a batch of (query [d], user id [1], candidates [N]) requests, from an
-    ORT session of the request form of the ranker graph."""
+    """Click probabilities for a batch of (query [d], user id [1], candidates [N]) requests, from ORT
+    sessions of the request form of the ranker graph: `sessions(storage)` gives the one for item rows
+    stored as `storage` (backends/ranker_graph.RequestSessions)."""
 
-    def __init__(self, session, max_rows: int):
-        self.session = session
+    def __init__(self, sessions, max_rows: int):
+        self.sessions = sessions
         self.max_rows = max_rows
         self.buffers = FeedBuffers()
 
@@ -97,8 +98,15 @@ class RankerScorer:
             for k, (_, _, candidates) in enumerate(group):
                 rows[k * longest:k * longest + len(candidates)] = found[at:at + len(candidates)]
                 at += len(candidates)
-        dim = tables.embedding_dim
-        embeddings = tables.embedding_rows(rows, out=b.rows(ITEM, n, dim, np.float32))
+        dim, stored = tables.embedding_dim, tables.item_embeddings
+        # Gathered as stored (a float16 row is half the bytes, an int8 one a quarter) and widened in ORT.
+        embeddings = b.rows(ITEM, n, dim, stored.dtype)
+        np.take(stored, rows, axis=0, out=embeddings, mode="clip")  # rows are in range
+        feeds = {ITEM: embeddings.reshape(r, longest, dim)}
+        if tables.item_embedding_scales is not None:
+            scales = b.rows(SCALE, n, 1, np.float32)
+            np.take(tables.item_embedding_scales, rows, out=scales[:, 0], mode="clip")
+            feeds[SCALE] = scales.reshape(r, longest, 1)
         features = b.rows(spec.ITEM_FEATURES.name, n, tables.item_features.shape[1], tables.item_features.dtype)
         np.take(tables.item_features, rows, axis=0, out=features, mode="clip")  # rows are in range
         queries = b.rows(QUERY, r, dim, np.float32)
@@ -107,6 +115,6 @@ class RankerScorer:
         for k, ((query, _, _), user_row) in enumerate(zip(group, user_rows)):
             queries[k] = query
             users[k * longest:(k + 1) * longest] = tables.user_features[user_row]
-        feeds = {QUERY: queries, ITEM: embeddings.reshape(r, longest, dim),
-                 spec.ITEM_FEATURES.name: features, spec.USER_FEATURES.name: users}
-        return self.session.run([spec.CLICK_PROB.name], feeds)[0].reshape(-1)
+        feeds.update({QUERY: queries, spec.ITEM_FEATURES.name: features, spec.USER_FEATURES.name: users})
+        session = self.sessions(stored.dtype.name)
+        return session.run([spec.CLICK_PROB.name], feeds)[0].reshape(-1)

@@ -77,6 +77,28 @@ def test_gated_speedup_is_the_median_of_the_sweep_and_the_paired_rounds():
 
 
 @pytest.mark.unit
+def test_a_round_counts_the_faster_bundle_level_within_the_budget():
+    naive = sbs.Level(1, 1000, 0, 100.0, 5, 6, 40)
+    edge, lower = sbs.Level(8, 1000, 0, 700.0, 5, 6, 53), sbs.Level(4, 1000, 0, 500.0, 5, 6, 30)
+    assert sbs.PairedRound(100, naive, edge, 3.0, lower).ratio(50.0) == 5.0  # the edge level broke it
+    assert sbs.PairedRound(100, naive, sbs.Level(8, 1000, 0, 700.0, 5, 6, 49), 3.0, lower).ratio(50.0) == 7.0
+    over = sbs.Level(4, 1000, 0, 500.0, 5, 6, 51)
+    assert sbs.PairedRound(100, naive, edge, 3.0, over).ratio(50.0) == 0.0  # neither met it
+    refusing = sbs.Level(4, 1000, 20, 500.0, 5, 6, 30)
+    assert sbs.PairedRound(100, naive, edge, 3.0, refusing).ratio(50.0) == 0.0  # 2% refused
+
+
+@pytest.mark.unit
+def test_the_fallback_is_the_fastest_lower_level_within_the_budget():
+    bundle = sbs.ServiceResult(sbs.TRITON_COMPRESSED, levels={100: _levels(
+        (200.0, 10, 0), (400.0, 20, 0), (600.0, 45, 0), (700.0, 90, 0))})
+    best = bundle.best_level(100, 50.0)
+    assert best.concurrency == 4
+    assert bundle.fallback_level(100, 50.0, best).concurrency == 2
+    assert bundle.fallback_level(100, 50.0, bundle.at(100, 1)) is None
+
+
+@pytest.mark.unit
 def test_a_baseline_that_never_met_the_budget_is_held_at_its_peak():
     slow = sbs.ServiceResult(sbs.NAIVE, levels={100: _levels((40.0, 60, 0), (45.0, 120, 0), (42.0, 250, 0))})
     assert slow.best_level(100, 50.0) is None

@@ -41,7 +41,9 @@ def expected_ranking(reference: ReferencePipeline, tables: CatalogTables, query:
     served hash index)."""
     pos = np.searchsorted(tables.item_ids, ids)
     known = (pos < len(tables.item_ids)) & (np.asarray(tables.item_ids)[np.minimum(pos, len(tables.item_ids) - 1)] == ids)
-    reference.items = {int(i): (np.asarray(tables.item_embeddings[p + 1], dtype=np.float32), tables.item_features[p + 1])
+    scales = tables.item_embedding_scales  # int8 rows: each times its own scale
+    reference.items = {int(i): (np.asarray(tables.item_embeddings[p + 1], dtype=np.float32)
+                                * (1.0 if scales is None else scales[p + 1]), tables.item_features[p + 1])
                        for i, p, k in zip(ids, pos, known) if k}
     return dict(reference.rank(query, user, ids))
 
@@ -70,6 +72,26 @@ def test_a_million_item_catalog_starts_and_serves(ci_models, ci_pipeline, refere
             user = int(rng.choice(catalog.user_ids))
             assert_matches(client.rank(query, user, ids), expected_ranking(reference, tables, query, user, ids))
     print(f"\n1M items ({facts['bytes'] / 2**30:.2f} GiB, built in {facts['build_s']:.1f} s): ready in {startup_s:.1f} s")
+
+
+def test_an_int8_catalog_serves_the_rankings_of_its_widened_rows(ci_models, ci_pipeline, reference, catalog,
+                                                                 tmp_path):
+    """The ranker gathers int8 rows as stored and widens them inside its graph (scale per row)."""
+    small = tmp_path / "catalog-int8"
+    build_synthetic_catalog(small, ci_models["catalog_artifact"],
+                            SyntheticCatalogSettings(items=50_000, embedding_dtype="int8"), progress=False)
+    tables = CatalogTables.load(small)
+    assert tables.item_embeddings.dtype == np.int8
+    repo = render_cpu_repository(ci_pipeline, Artifacts(encoder_dir=ci_models["encoder"], catalog_dir=small,
+                                                        ranker_dir=ci_models["ranker"]), tmp_path / "repo")
+    rng = np.random.default_rng(6)
+    with run_triton_server(repo) as server, SearchClient(server.grpc_url, timeout_s=30) as client:
+        for n in (1000, 7, 300):
+            ids = rng.choice(tables.item_ids, n, replace=False)
+            ids[:2] = rng.choice(10**12, 2, replace=False) + 10**12  # unknown: cold start
+            query = catalog.queries[rng.integers(len(catalog.queries))]
+            user = int(rng.choice(catalog.user_ids))
+            assert_matches(client.rank(query, user, ids), expected_ranking(reference, tables, query, user, ids))
 
 
 def shuffled_copy(src, dst) -> None:

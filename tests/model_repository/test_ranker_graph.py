@@ -8,8 +8,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from model_repository import runtime, spec
-from model_repository.backends.ranker_graph import (ITEM, QUERY, RequestGraphError, check_request_graph,
-                                                    request_graph, request_session, sample_row_feeds)
+from model_repository.backends.ranker_graph import (ITEM, QUERY, SCALE, RequestGraphError, RequestSessions,
+                                                    check_request_graph, request_graph, sample_row_feeds)
 from model_repository.runtime import ort_session
 
 pytestmark = pytest.mark.unit
@@ -56,13 +56,28 @@ def row_feeds(counts, seed=1):
             spec.USER_FEATURES.name: rng.integers(0, 5, (n, 1))}
 
 
+@pytest.mark.parametrize("storage", ["float32", "float16", "int8"])
 @pytest.mark.parametrize("similarity_heads", [True, False])
-def test_request_form_scores_the_rows_the_exported_graph_scores(similarity_heads):
+def test_request_form_scores_the_rows_the_exported_graph_scores(similarity_heads, storage):
     model = toy_ranker(similarity_heads)
-    form, rewritten = request_graph(model)
+    form, rewritten = request_graph(model, storage)
     assert rewritten == similarity_heads
     counts = [4, 1, 7, 2]
-    assert check_request_graph(session(model), session(form), row_feeds(counts), counts) <= 1e-6
+    assert check_request_graph(session(model), session(form), row_feeds(counts), counts, storage) <= 1e-6
+
+
+@pytest.mark.parametrize("storage", ["float16", "int8"])
+def test_compact_rows_are_widened_inside_the_graph(storage):
+    form, _ = request_graph(toy_ranker(True), storage)
+    types = {i.name: i.type.tensor_type.elem_type for i in form.graph.input}
+    assert types[ITEM] == {"float16": TensorProto.FLOAT16, "int8": TensorProto.INT8}[storage]
+    assert (SCALE in types) == (storage == "int8")
+    assert [n.op_type for n in form.graph.node if ITEM in n.input] == ["Cast"]
+
+
+def test_an_unknown_storage_is_refused():
+    with pytest.raises(RequestGraphError, match="bfloat16"):
+        request_graph(toy_ranker(True), "bfloat16")
 
 
 def test_the_rewrite_leaves_no_per_row_query():
@@ -88,10 +103,13 @@ def test_a_graph_without_the_ranker_inputs_is_refused():
         request_graph(model)
 
 
-def test_the_stage_ranker_is_rewritten_and_checked(ci_repository):
+@pytest.mark.parametrize("storage", ["float32", "float16", "int8"])
+def test_the_stage_ranker_is_rewritten_and_checked(ci_repository, storage):
     model = onnx.load(str(ci_repository / spec.RANKER / "1" / runtime.RANKER_FILE))
     exported = session(model)
-    form, rewritten = request_session(model, exported)
-    assert rewritten
+    sessions = RequestSessions(model, exported)
+    form = sessions(storage)
+    assert sessions.rewritten  # the stage's ranker has the similarity heads the rewrite targets
+    assert sessions(storage) is form  # built once per storage
     counts = [1000, 5, 37]
-    check_request_graph(exported, form, sample_row_feeds(exported, counts, seed=3), counts, tolerance=1e-6)
+    check_request_graph(exported, form, sample_row_feeds(exported, counts, seed=3), counts, storage, tolerance=1e-6)

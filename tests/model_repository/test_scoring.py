@@ -13,7 +13,7 @@ import pytest
 sys.modules.setdefault("triton_python_backend_utils", types.ModuleType("triton_python_backend_utils"))
 
 from model_repository import runtime, spec  # noqa: E402
-from model_repository.backends.ranker_graph import request_session  # noqa: E402
+from model_repository.backends.ranker_graph import RequestSessions  # noqa: E402
 from model_repository.backends.scoring import FeedBuffers, RankerScorer, request_groups  # noqa: E402
 from model_repository.runtime import CatalogTables, ort_session, stored_embeddings  # noqa: E402
 
@@ -79,9 +79,7 @@ def ranker_session(ci_repository):
 @pytest.fixture(scope="module")
 def request_form(ci_repository, ranker_session):
     model = onnx.load(str(ci_repository / spec.RANKER / "1" / runtime.RANKER_FILE))
-    session, rewritten = request_session(model, ranker_session)
-    assert rewritten  # the stage's ranker has the similarity heads the rewrite targets
-    return session
+    return RequestSessions(model, ranker_session)
 
 
 def _batch(tables: CatalogTables, sizes, seed: int):
