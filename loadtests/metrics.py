@@ -54,12 +54,22 @@ def _samples(text: str) -> Iterator[tuple[str, dict[str, str], float]]:
         yield m.group(1), dict(_LABEL.findall(m.group(2) or "")), value
 
 
+# The query encoder's embedding-cache counters, kept per result ("hit", "miss") as metric
+# "<name>:<result>", summed over the model's instances.
+CACHE_HIT, CACHE_MISS = f"{spec.CACHE_LOOKUPS_METRIC}:hit", f"{spec.CACHE_LOOKUPS_METRIC}:miss"
+
+
 def parse_prometheus(text: str, wanted: tuple[str, ...] = WANTED) -> Counters:
-    """Per-model values of the wanted metrics from Prometheus text exposition format."""
+    """Per-model values of the wanted metrics (and the embedding cache's hits and misses) from
+    Prometheus text exposition format."""
     out: Counters = {}
     for name, labels, value in _samples(text):
         model = labels.get("model")
-        if name not in wanted or model is None:
+        if name == spec.CACHE_LOOKUPS_METRIC and labels.get("result") in ("hit", "miss"):
+            name = f"{name}:{labels['result']}"
+        elif name not in wanted:
+            continue
+        if model is None:
             continue
         key = (name, model)
         out[key] = out.get(key, 0.0) + value
@@ -92,6 +102,7 @@ class ModelBreakdown:
     compute_output_ms: float
     request_ms: float  # end-to-end inside Triton, per request
     avg_batch: float  # inferences per execution (1.0 for non-batching models)
+    cache_hit_share: float | None = None  # embedding-cache hits / lookups; None: no cache lookups
 
     @property
     def compute_ms(self) -> float:
@@ -109,13 +120,15 @@ def breakdown(first: Sample, last: Sample) -> list[ModelBreakdown]:
         if n <= 0:
             continue
         execs = delta(EXEC_COUNT, model)
+        hits, lookups = delta(CACHE_HIT, model), delta(CACHE_HIT, model) + delta(CACHE_MISS, model)
         rows.append(ModelBreakdown(
             model=model, requests=n,
             queue_ms=delta(QUEUE_US, model) / n / 1000, compute_input_ms=delta(COMPUTE_INPUT_US, model) / n / 1000,
             compute_infer_ms=delta(COMPUTE_INFER_US, model) / n / 1000,
             compute_output_ms=delta(COMPUTE_OUTPUT_US, model) / n / 1000,
             request_ms=delta(REQUEST_US, model) / n / 1000,
-            avg_batch=delta(COUNT, model) / execs if execs > 0 else 0.0))
+            avg_batch=delta(COUNT, model) / execs if execs > 0 else 0.0,
+            cache_hit_share=hits / lookups if lookups > 0 else None))
     return rows
 
 
@@ -191,8 +204,10 @@ def write_breakdown_csv(path: Path, rows: list[ModelBreakdown]) -> None:
 
 
 def format_breakdown(rows: list[ModelBreakdown]) -> str:
-    lines = [f"{'model':<16} {'requests':>9} {'queue ms':>9} {'compute ms':>10} {'in-Triton ms':>12} {'avg batch':>9}"]
+    lines = [f"{'model':<16} {'requests':>9} {'queue ms':>9} {'compute ms':>10} {'in-Triton ms':>12} {'avg batch':>9} "
+             f"{'cache hits':>10}"]
     for r in rows:
+        hits = "-" if r.cache_hit_share is None else f"{100 * r.cache_hit_share:.0f}%"
         lines.append(f"{r.model:<16} {r.requests:>9.0f} {r.queue_ms:>9.2f} {r.compute_ms:>10.2f} "
-                     f"{r.request_ms:>12.2f} {r.avg_batch:>9.1f}")
+                     f"{r.request_ms:>12.2f} {r.avg_batch:>9.1f} {hits:>10}")
     return "\n".join(lines)

@@ -62,6 +62,28 @@ def test_breakdown_is_the_ratio_of_counter_deltas():
     assert "query_encoder" in metrics.format_breakdown(list(rows.values()))
 
 
+CACHE_TEXT = """\
+# TYPE searchrank_embedding_cache_lookups_total counter
+searchrank_embedding_cache_lookups_total{{instance="query_encoder_0_0",model="query_encoder",result="hit"}} {h0}
+searchrank_embedding_cache_lookups_total{{instance="query_encoder_0_0",model="query_encoder",result="miss"}} {m0}
+searchrank_embedding_cache_lookups_total{{instance="query_encoder_0_1",model="query_encoder",result="hit"}} {h1}
+searchrank_embedding_cache_lookups_total{{instance="query_encoder_0_1",model="query_encoder",result="miss"}} {m1}
+"""
+
+
+def test_breakdown_reports_the_embedding_cache_hit_share_over_the_window():
+    first = metrics.Sample(0.0, metrics.parse_prometheus(text(sr=1, qe=1, qe_exec=1)
+                                                         + CACHE_TEXT.format(h0=5, m0=5, h1=0, m1=0)))
+    last = metrics.Sample(10.0, metrics.parse_prometheus(text(sr=11, qe=41, qe_exec=11)
+                                                         + CACHE_TEXT.format(h0=25, m0=15, h1=10, m1=10)))
+    rows = {r.model: r for r in metrics.breakdown(first, last)}
+    # both instances, only what the window added: (20 + 10) hits of (20 + 10) + (10 + 10) lookups
+    assert rows["query_encoder"].cache_hit_share == pytest.approx(30 / 50)
+    assert rows["search_rank"].cache_hit_share is None
+    table = metrics.format_breakdown(list(rows.values()))
+    assert "cache hits" in table and "60%" in table
+
+
 def test_a_model_without_requests_in_the_window_is_left_out():
     s = metrics.Sample(0.0, metrics.parse_prometheus(text(sr=3, qe=3)))
     assert metrics.breakdown(s, s) == []
