@@ -253,6 +253,10 @@ def ray_runtime(settings: EncodeSettings) -> Iterator[float]:
         # worker_niceness 0: Ray nices its workers (15) to keep its own daemons responsive, but here the
         # actors are the job; niced, they lost the CPU to any other process on a shared 2-core box
         # (1 actor: 460 items/s beside another test run, against 1300/s for the same loop un-niced).
+        # Ray waits 30 s for its GCS server to bind; on a loaded 2-core machine it once had not even
+        # started logging by then (fresh-clone CI, 2026-12-07; the rerun passed in 43 s). Ray's own
+        # knob, unless the caller set it.
+        os.environ.setdefault("RAY_gcs_server_port_wait_time_s", "120")
         ray.init(num_cpus=max(os.cpu_count() or 1, settings.actors * settings.threads_per_actor + 1),
                  object_store_memory=settings.object_store_mb * 2**20, include_dashboard=False,
                  logging_level=logging.WARNING, _system_config={"worker_niceness": 0})
