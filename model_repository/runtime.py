@@ -340,19 +340,12 @@ class CatalogTables:
     def user_rows(self, user_ids: np.ndarray) -> np.ndarray:
         return self._rows(self.user_ids, np.asarray(user_ids, dtype=np.int64))
 
-    def embedding_rows(self, rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        """float32 [len(rows), d], whatever the stored precision (the ranker's input is FP32);
-        written into `out` (float32 [len(rows), d]) when given."""
+    def embedding_rows(self, rows: np.ndarray) -> np.ndarray:
+        """float32 [len(rows), d], whatever the stored precision. For offline readers and references:
+        the served ranker feeds rows as stored and widens them in its graph (backends/ranker_graph.py)."""
         if self.item_embedding_scales is not None:
-            return np.multiply(self.item_embeddings[rows], self.item_embedding_scales[rows, None], dtype=np.float32,
-                               out=out)
-        if out is None:
-            return np.asarray(self.item_embeddings[rows], dtype=np.float32)
-        if self.item_embeddings.dtype == np.float32:
-            # rows come from item_rows (always in range); numpy buffers `out` in its default 'raise' mode.
-            return np.take(self.item_embeddings, rows, axis=0, out=out, mode="clip")
-        out[...] = self.item_embeddings[rows]
-        return out
+            return np.multiply(self.item_embeddings[rows], self.item_embedding_scales[rows, None], dtype=np.float32)
+        return np.asarray(self.item_embeddings[rows], dtype=np.float32)
 
     def prefault(self) -> float:
         """Map every page of the item tables into this process now; returns seconds.
