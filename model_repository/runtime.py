@@ -84,9 +84,12 @@ class BucketTokenizer:
         return groups
 
 
-def ort_session(onnx_path: Path | str | bytes, threads: int = 1, providers: Sequence[str] = ("CPUExecutionProvider",)):
+def ort_session(onnx_path: Path | str | bytes, threads: int = 1, providers: Sequence[str] = ("CPUExecutionProvider",),
+                disabled_optimizers: Sequence[str] = (), optimized_model_path: Path | str | None = None):
     """An ONNX Runtime session of a file (or a serialized model); `providers` in priority order
-    (offline jobs may pass CUDA/TensorRT)."""
+    (offline jobs may pass CUDA/TensorRT). `disabled_optimizers` names ORT graph rewrites to skip
+    (spec.CPU_ENCODER_DISABLED_OPTIMIZERS says why the encoder skips one); `optimized_model_path`
+    saves the graph ORT runs, for inspection."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -97,8 +100,10 @@ def ort_session(onnx_path: Path | str | bytes, threads: int = 1, providers: Sequ
     # steal them from whichever model is running.
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if optimized_model_path is not None:
+        opts.optimized_model_filepath = str(optimized_model_path)
     model = onnx_path if isinstance(onnx_path, bytes) else str(onnx_path)
-    return ort.InferenceSession(model, opts, providers=list(providers))
+    return ort.InferenceSession(model, opts, providers=list(providers), disabled_optimizers=list(disabled_optimizers))
 
 
 def encode_texts(tokenizer: BucketTokenizer, session, texts: Sequence[str], batch_size: int = 64,

@@ -36,3 +36,8 @@ class ModelContext:
 def input_array(request, name: str):
     tensor = pb_utils.get_input_tensor_by_name(request, name)
     return None if tensor is None else tensor.as_numpy()
+
+
+def name_list(param: str) -> list[str]:
+    """The names in a comma-separated config parameter ("" for none)."""
+    return [name.strip() for name in param.split(",") if name.strip()]

@@ -14,7 +14,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from model_repository import runtime, spec
-from model_repository.backends.common import BadRequest, ModelContext
+from model_repository.backends.common import BadRequest, ModelContext, name_list
 from model_repository.backends.embedding_cache import EmbeddingCache
 from model_repository.backends.tokenizer import TextInput
 from model_repository.runtime import ort_session
@@ -63,7 +63,8 @@ class TritonPythonModel:
         self.ctx = ModelContext(args)
         self.text = TextInput(self.ctx)
         self.session = ort_session(self.ctx.version_dir / runtime.ENCODER_FILE,
-                                   int(self.ctx.param("intra_op_num_threads", "1")))
+                                   int(self.ctx.param("intra_op_num_threads", "1")),
+                                   disabled_optimizers=name_list(self.ctx.param("ort_disabled_optimizers", "")))
         self.output = self.session.get_outputs()[0].name
         self.cache = EmbeddingCache(int(self.ctx.param("cache_entries", "0")))
         self.cache_counters = CacheCounters(self.ctx.name, args.get("model_instance_name", self.ctx.name),

@@ -13,7 +13,7 @@ import pytest
 
 sys.modules.setdefault("triton_python_backend_utils", types.ModuleType("triton_python_backend_utils"))
 
-from model_repository.backends.common import BadRequest  # noqa: E402
+from model_repository.backends.common import BadRequest, name_list  # noqa: E402
 from model_repository.backends.candidates import validate_ids  # noqa: E402
 from model_repository.backends.tokenizer import decode_text  # noqa: E402
 from model_repository.backends.top_k import select_top_k  # noqa: E402
@@ -198,3 +198,11 @@ def test_top_k_with_nans_and_ties_matches_a_full_stable_sort(seed):
 def test_validate_ids_names_how_many_ids_repeat():
     with pytest.raises(BadRequest, match=r"2 repeated, e.g. 5"):
         validate_ids(user(), ids([9, 5, 7, 5, 9, 5]), MAX)
+
+
+# ---- config parameters ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("param, names", [("", []), ("SkipLayerNormFusion", ["SkipLayerNormFusion"]),
+                                          (" A, B ,,", ["A", "B"])])
+def test_name_list_reads_comma_separated_parameters(param, names):
+    assert name_list(param) == names

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 from tokenizers import Tokenizer
@@ -125,6 +127,39 @@ def test_embeddings_do_not_depend_on_how_far_texts_are_padded(ci_models, bucket_
 
     np.testing.assert_allclose(embed(bucket_tok.encode_grouped(texts, pad_to_bucket=False)),
                                embed(bucket_tok.encode_grouped(texts)), atol=1e-5)
+
+
+def test_served_encoder_session_skips_the_skip_layer_norm_fusion_and_keeps_its_embeddings(
+        ci_repository, bucket_tok, tmp_path):
+    """The rendered query encoder names the ORT rewrite it skips (spec.CPU_ENCODER_DISABLED_OPTIMIZERS:
+    the fused kernel is the slower one on the INT8 graph); the session the stub builds from that
+    parameter must run a graph without SkipLayerNormalization, whose embeddings match ORT's own
+    default session of the same file."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    from model_repository.runtime import ort_session
+
+    folder = Path(ci_repository) / spec.QUERY_ENCODER
+    config = text_format.Parse((folder / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    param = config.parameters["ort_disabled_optimizers"].string_value
+    names = [name.strip() for name in param.split(",") if name.strip()]  # as backends.common.name_list
+    assert names == ["SkipLayerNormFusion"]
+    encoder = folder / "1" / "encoder.onnx"
+    served = ort_session(encoder, disabled_optimizers=names, optimized_model_path=tmp_path / "served.onnx")
+    default = ort.InferenceSession(str(encoder), providers=["CPUExecutionProvider"])
+    ort_session(encoder, optimized_model_path=tmp_path / "default.onnx")
+
+    def op_count(path, op):
+        return sum(n.op_type == op for n in onnx.load(str(path)).graph.node)
+
+    # The fusion applies to this graph (else the setting is moot) and the served session skips it.
+    assert op_count(tmp_path / "default.onnx", "SkipLayerNormalization") > 0
+    assert op_count(tmp_path / "served.onnx", "SkipLayerNormalization") == 0
+    texts = [SHORT, MEDIUM, "hat", "stainless steel water bottle 750 ml, " * 6]
+    for rows, ids, mask in bucket_tok.encode_grouped(texts, pad_to_bucket=False):
+        feeds = {"INPUT_IDS": ids, "ATTENTION_MASK": mask}
+        np.testing.assert_allclose(served.run(None, feeds)[0], default.run(None, feeds)[0], atol=1e-5)
 
 
 def test_pad_id_is_the_vocabularys_pad(bucket_tok, raw_tok):
