@@ -24,7 +24,7 @@ import grpc
 import numpy as np
 from tqdm import tqdm
 from tritonclient.grpc import service_pb2
-from tritonclient.utils import serialize_byte_tensor
+from tritonclient.utils import deserialize_bytes_tensor, serialize_byte_tensor
 
 from search_rank_client.channel import channel_args, grpc_target
 from loadtests import traffic
@@ -40,6 +40,7 @@ class Call:
     sent_s: float  # since the start of the run
     latency_ms: float
     code: str  # OK or the gRPC status name
+    index: int = -1  # the request's position in the list a closed loop sent (-1: not recorded)
 
 
 def rank_requests(catalog_dir: Path, n: int, candidates: int, seed: int, top_k: int = 10) -> list[traffic.RankRequest]:
@@ -149,12 +150,12 @@ def closed_loop(target: str, requests: list[bytes], concurrency: int, seconds: f
                 state["inflight"] += 1
             sent_at = time.monotonic()
             infer.future(requests[k % len(requests)], timeout=deadline_s).add_done_callback(
-                lambda f: finished(f, sent_at))
+                lambda f: finished(f, sent_at, k % len(requests)))
 
-        def finished(future, sent_at: float) -> None:
+        def finished(future, sent_at: float, index: int) -> None:
             now = time.monotonic()
             if sent_at >= start:
-                calls.append(Call(sent_at - start, (now - sent_at) * 1000, _code(future)))
+                calls.append(Call(sent_at - start, (now - sent_at) * 1000, _code(future), index))
             with lock:
                 state["inflight"] -= 1
                 if done.is_set() and state["inflight"] == 0:
@@ -219,6 +220,13 @@ def split_cpus(server_share: float = 0.5) -> tuple[tuple[int, ...] | None, tuple
         return None, None
     k = min(len(cpus) - 1, max(1, round(len(cpus) * server_share)))
     return tuple(cpus[:k]), tuple(cpus[k:])
+
+
+def request_query(raw: bytes) -> str:
+    """The QUERY text of a serialized search_rank request (as `serialize` writes it)."""
+    req = service_pb2.ModelInferRequest.FromString(raw)
+    k = next(i for i, t in enumerate(req.inputs) if t.name == spec.QUERY.name)
+    return deserialize_bytes_tensor(req.raw_input_contents[k])[0].decode()
 
 
 def percentile(values: list[float], q: float) -> float | None:

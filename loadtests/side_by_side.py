@@ -37,7 +37,7 @@ import numpy as np
 
 from conversion.stages import REPO_ROOT, build_root
 from loadtests import traffic
-from loadtests.grpc_load import OK, FreshStreams, closed_loop, percentile, rank_requests, split_cpus
+from loadtests.grpc_load import OK, Call, FreshStreams, closed_loop, percentile, rank_requests, request_query, split_cpus
 from model_repository import spec
 
 log = logging.getLogger(__name__)
@@ -62,6 +62,10 @@ class BenchSettings:
     min_speedup_vs_naive: float = 5.0
     min_speedup_vs_fp32: float = 2.0
     max_p99_c1_ms: float = 10.0  # concurrency 1, 100 candidates, compressed
+    # Concurrency-1 latency is also reported for queries longer than this many words apart from the
+    # rest: the traffic's pasted paragraphs (18 words and more; its sentences have at most 11) are
+    # what the encoder takes longest on, and a p99 is decided by its slowest 1%.
+    long_query_words: int = 16
     min_agreement: float = 0.9
     # Triton's perf_analyzer (its own venv, `make bench` installs it) run against the naive service and
     # the bundle in the same run, as a cross-check of the closed-loop figures; None skips it.
@@ -87,6 +91,9 @@ class Level:
     # How long the refused calls took, slowest first (at most 3): an admission refusal comes back
     # within the queue timeout (100 ms), a batcher stall after about 500 ms (docs/reliability.md).
     refused_ms: tuple[float, ...] = ()
+    # Answered calls by query class ("long" or "short", LONG_QUERY_WORDS): (calls, p50 ms, p99 ms);
+    # measured at concurrency 1 only.
+    by_query: dict[str, tuple[int, float, float]] = field(default_factory=dict)
 
 
 def throughput_ratio(a: float, b: float) -> float:
@@ -276,12 +283,25 @@ def agreement_requests(catalog_dir: Path, n: int, seed: int) -> list[traffic.Ran
     return traffic.RequestStream(traffic.CatalogData.load(catalog_dir), mix, seed=seed + 1).take(n)
 
 
-def measure_level(url: str, requests: list[bytes], concurrency: int, seconds: float) -> Level:
+def latency_by_query(calls: Sequence[Call], requests: Sequence[bytes], long_words: int) -> dict[str, tuple[int, float, float]]:
+    """(calls, p50, p99) of the answered calls whose query has more than `long_words` words ("long")
+    and of the others ("short")."""
+    groups: dict[str, list[float]] = {"long": [], "short": []}
+    for call in calls:
+        if call.code == OK:
+            words = len(request_query(requests[call.index]).split())
+            groups["long" if words > long_words else "short"].append(call.latency_ms)
+    return {k: (len(v), percentile(v, 50), percentile(v, 99)) for k, v in groups.items() if v}
+
+
+def measure_level(url: str, requests: list[bytes], concurrency: int, seconds: float,
+                  long_query_words: int | None = None) -> Level:
     calls = closed_loop(url, requests, concurrency, seconds, cycle=False)
     ok = [x.latency_ms for x in calls if x.code == OK]
     refused = sorted((x.latency_ms for x in calls if x.code != OK), reverse=True)
+    by_query = latency_by_query(calls, requests, long_query_words) if long_query_words is not None else {}
     return Level(concurrency, len(calls), len(calls) - len(ok), len(ok) / seconds, percentile(ok, 50),
-                 percentile(ok, 95), percentile(ok, 99), tuple(round(ms, 1) for ms in refused[:3]))
+                 percentile(ok, 95), percentile(ok, 99), tuple(round(ms, 1) for ms in refused[:3]), by_query)
 
 
 def paired_rounds(s: BenchSettings, results: dict[str, ServiceResult], repositories: dict[str, Path],
@@ -358,7 +378,8 @@ def measure_service(name: str, service: Endpoint, fresh: FreshStreams,
         result.batch[n] = {}
         for conc in s.concurrency:
             level0 = triton_stats(service) if stats0 is not None else None
-            lv = measure_level(url, fresh.for_closed_loop(n, s.seconds, f"sweep-c{conc}"), conc, s.seconds)
+            lv = measure_level(url, fresh.for_closed_loop(n, s.seconds, f"sweep-c{conc}"), conc, s.seconds,
+                               s.long_query_words if conc == 1 else None)
             if level0 is not None:
                 result.batch[n][conc] = {m: c["avg_batch"] for m, c in step_costs(level0, triton_stats(service)).items()}
             done += lv.calls - lv.errors
@@ -513,12 +534,37 @@ def checks(results: dict[str, ServiceResult], agree: dict[str, float], s: BenchS
             out[f"compressed refuses nothing at concurrency 4 and 8, {n} cand."] = (
                 f"{refused} of {sum(lv.calls for lv in levels)}", refused == 0 and len(levels) == 2)
     if 100 in s.candidates and 1 in s.concurrency:
-        p99 = comp.at(100, 1).p99_ms
+        c1 = comp.at(100, 1)
         out[f"compressed p99 <= {s.max_p99_c1_ms:g} ms at concurrency 1, 100 cand."] = (
-            f"{p99:.1f} ms", p99 is not None and p99 <= s.max_p99_c1_ms)
+            f"{one_decimal(c1.p99_ms)} ms{query_split(c1, s.long_query_words)}",
+            c1.p99_ms is not None and c1.p99_ms <= s.max_p99_c1_ms)
     out[f"top-10 agreement with the FP32 pipeline >= {s.min_agreement:g}"] = (
         f"{agree[TRITON_COMPRESSED]:.3f}", agree[TRITON_COMPRESSED] >= s.min_agreement)
     return out
+
+
+def query_split(level: Level, long_words: int) -> str:
+    """The level's p99 by query class, for the headline: the gate is on all calls."""
+    if not level.by_query:
+        return ""
+    total = sum(n for n, _, _ in level.by_query.values())
+    names = {"long": f"queries over {long_words} words", "short": "the rest"}
+    parts = [f"{names[k]} ({100 * n / total:.0f}% of calls): {p99:.1f} ms"
+             for k, (n, _, p99) in sorted(level.by_query.items())]
+    return f" (p99 of {'; '.join(parts)})"
+
+
+def c1_query_lines(results: dict[str, ServiceResult], n: int, s: BenchSettings) -> list[str]:
+    split = {name: r.at(n, 1).by_query for name, r in results.items() if 1 in s.concurrency and r.at(n, 1).by_query}
+    if not split:
+        return []
+    lines = ["", f"At concurrency 1, by query length (over {s.long_query_words} words: the traffic's pasted paragraphs), "
+             "answered calls, p50 / p99 ms:", ""]
+    for name, by in split.items():
+        parts = [f"{'long' if k == 'long' else 'the rest'}: {c} calls, {p50:.1f} / {p99:.1f}"
+                 for k, (c, p50, p99) in sorted(by.items())]
+        lines.append(f"- {name}: {'; '.join(parts)}")
+    return lines
 
 
 def plot(results: dict[str, ServiceResult], s: BenchSettings, path: Path) -> None:
@@ -662,7 +708,7 @@ def markdown(results: dict[str, ServiceResult], agree: dict[str, float], eff: di
             c1 = r.at(n, 1) if 1 in s.concurrency else None
             lines.append(f"| {name} | {one_decimal(c1.p50_ms)} / {one_decimal(c1.p95_ms)} / {one_decimal(c1.p99_ms)} | "
                          f"{r.best_rps(n, s.p99_budget_ms):.1f} | {r.cpu_ms_per_request[n]:.1f} | {agree[name]:.3f} |")
-        lines += step_table(results, n) + batch_table(results, n)
+        lines += c1_query_lines(results, n, s) + step_table(results, n) + batch_table(results, n)
         lines += ["", "Every level (concurrency: throughput /s, p99 ms, refused calls and how long the slowest of "
                   "them took: within the 100 ms queue timeout is admission, about 500 ms is Triton's batcher "
                   "stall, docs/reliability.md):", ""]

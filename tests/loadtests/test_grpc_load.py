@@ -47,3 +47,20 @@ def test_a_loop_that_may_not_repeat_stops_and_says_so(triton, ci_repository):
     # the same list, cycled, keeps the loop busy for the whole window
     calls = closed_loop(triton.grpc_url, short, 2, 1.0, warmup_s=0.2)
     assert len(calls) > 5 and all(c.code == grpc_load.OK for c in calls)
+
+
+def test_request_query_reads_back_the_serialized_query():
+    import numpy as np
+    from loadtests.traffic import RankRequest
+
+    text = "stainless steel water bottle, 750 ml – sans BPA"
+    raw = grpc_load.serialize(RankRequest("x", text, 7, np.array([3, 1, 2]), 2))
+    assert grpc_load.request_query(raw) == text
+
+
+def test_a_closed_loop_records_which_request_each_call_sent(triton, ci_repository):
+    stream = FreshStreams(served_catalog_dir(ci_repository), seed=7).for_closed_loop(10, 0.5, "indexed")
+    calls = closed_loop(triton.grpc_url, stream, 1, 0.5, warmup_s=0.2, cycle=False)
+    # concurrency 1 sends in order: the recorded calls are consecutive requests after the warm-up's
+    indices = [c.index for c in sorted(calls, key=lambda c: c.sent_s)]
+    assert indices and indices == list(range(indices[0], indices[0] + len(indices)))

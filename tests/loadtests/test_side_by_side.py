@@ -144,6 +144,24 @@ def test_refusals_say_how_long_the_slowest_took():
 
 
 @pytest.mark.unit
+def test_concurrency_one_latency_is_split_by_query_length():
+    import numpy as np
+    from loadtests.grpc_load import Call, serialize
+    from loadtests.traffic import RankRequest
+
+    texts = ["red hat"] * 98 + [" ".join(["word"] * 17), " ".join(["word"] * 16)]
+    requests = [serialize(RankRequest("x", t, 1, np.array([1, 2]), 1)) for t in texts]
+    calls = [Call(0.0, 5.0, sbs.OK, i) for i in range(98)] + [Call(0.0, 30.0, sbs.OK, 98), Call(0.0, 7.0, sbs.OK, 99)]
+    calls.append(Call(0.0, 99.0, "UNAVAILABLE", 98))  # refused: in no latency
+    split = sbs.latency_by_query(calls, requests, 16)
+    # 99 short calls, sorted: 98 x 5 ms then 7 ms; the p99 sits at position 0.99 * 98 = 97.02
+    assert split == {"long": (1, 30.0, 30.0), "short": (99, 5.0, pytest.approx(5.0 + 0.02 * 2.0))}
+    level = sbs.Level(1, 101, 1, 100.0, 5.0, 5.0, 29.0, (), split)
+    assert sbs.query_split(level, 16) == " (p99 of queries over 16 words (1% of calls): 30.0 ms; the rest (99% of calls): 5.0 ms)"
+    assert sbs.query_split(sbs.Level(1, 1, 0, 1.0, 5.0, 5.0, 5.0), 16) == ""
+
+
+@pytest.mark.unit
 def test_cli_refuses_bad_settings(capsys):
     with pytest.raises(SystemExit) as e:
         sbs.main(["--candidates", "0"])
@@ -187,6 +205,12 @@ def test_ci_sized_run_writes_report_and_plot(ci_models, tmp_path):
     for name in sbs.SERVICES:
         assert f"| {name} |" in text
     assert "GOP/s" in text and "(benchmarks.png)" in text
+    # concurrency 1's calls are split by query length for every service (the CI traffic has both)
+    for r in results.values():
+        by_query = r.at(100, 1).by_query
+        assert set(by_query) <= {"long", "short"} and sum(c for c, _, _ in by_query.values()) == \
+            r.at(100, 1).calls - r.at(100, 1).errors
+    assert "by query length" in text
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert any("agreement" in k for k in verdicts)
     # the paired rounds ran against both live servers, at the sweep's headline levels
