@@ -91,8 +91,8 @@ class Level:
     # How long the refused calls took, slowest first (at most 3): an admission refusal comes back
     # within the queue timeout (100 ms), a batcher stall after about 500 ms (docs/reliability.md).
     refused_ms: tuple[float, ...] = ()
-    # Answered calls by query class ("long" or "short", LONG_QUERY_WORDS): (calls, p50 ms, p99 ms);
-    # measured at concurrency 1 only.
+    # Answered calls by query class ("long": over BenchSettings.long_query_words words, or "short"):
+    # (calls, p50 ms, p99 ms); measured at concurrency 1 only.
     by_query: dict[str, tuple[int, float, float]] = field(default_factory=dict)
 
 
