@@ -88,7 +88,7 @@ def ort_session(onnx_path: Path | str | bytes, threads: int = 1, providers: Sequ
                 disabled_optimizers: Sequence[str] = (), optimized_model_path: Path | str | None = None):
     """An ONNX Runtime session of a file (or a serialized model); `providers` in priority order
     (offline jobs may pass CUDA/TensorRT). `disabled_optimizers` names ORT graph rewrites to skip
-    (spec.CPU_ENCODER_DISABLED_OPTIMIZERS says why the encoder skips one); `optimized_model_path`
+    (spec.CPU_ENCODER_DISABLED_OPTIMIZERS says why the encoder may skip one); `optimized_model_path`
     saves the graph ORT runs, for inspection."""
     import onnxruntime as ort
 

@@ -4,6 +4,7 @@ a refused text is refused again, and the hits and misses show on Triton's metric
 from __future__ import annotations
 
 import time
+from pathlib import Path
 import uuid
 
 import numpy as np
@@ -90,3 +91,24 @@ def test_a_zero_sized_cache_encodes_every_request(ci_repository, tmp_path, onnx_
     assert counts["hit"] == 0 and counts["miss"] >= 3
     for answer in answers:
         np.testing.assert_allclose(answer, onnx_encoder(text), atol=1e-5)
+
+
+def test_the_encoder_honours_the_ort_rewrites_its_config_skips(ci_repository, tmp_path):
+    """An operator can name ORT rewrites to skip (`ort_disabled_optimizers`, off by default:
+    spec.CPU_ENCODER_DISABLED_OPTIMIZERS); the stub must build its session that way. The German
+    text is one the CI encoder rounds differently without SkipLayerNormFusion (cosine about 0.996
+    between the two evaluations), so it tells the two sessions apart."""
+    import onnxruntime as ort
+    from tokenizers import Tokenizer
+
+    repo = with_encoder_parameters(ci_repository, tmp_path / "repo", ort_disabled_optimizers="SkipLayerNormFusion",
+                                   cache_entries=0)
+    folder = Path(ci_repository) / spec.QUERY_ENCODER / "1"
+    session = ort.InferenceSession(str(folder / "encoder.onnx"), providers=["CPUExecutionProvider"],
+                                   disabled_optimizers=["SkipLayerNormFusion"])
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    with run_triton_server(repo) as server, SearchClient(server.grpc_url) as client:
+        for text in ["Laufschuhe für Damen – größe 40", "red running shoes"]:
+            ids = np.array([tok.encode(text).ids], dtype=np.int64)
+            expected = session.run(None, {spec.INPUT_IDS.name: ids, spec.ATTENTION_MASK.name: np.ones_like(ids)})[0][0]
+            np.testing.assert_allclose(client.embed(text), expected, atol=1e-5)
