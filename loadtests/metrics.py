@@ -79,11 +79,8 @@ def parse_prometheus(text: str, wanted: tuple[str, ...] = WANTED) -> Counters:
 def cache_lookups(text: str, model: str) -> dict[str, float]:
     """{"hit": n, "miss": n} of `model`'s embedding cache, summed over its instances (zeros where
     the server exports none: the cache is off, or the stubs have not reported yet)."""
-    out = {"hit": 0.0, "miss": 0.0}
-    for name, labels, value in _samples(text):
-        if name == spec.CACHE_LOOKUPS_METRIC and labels.get("model") == model and labels.get("result") in out:
-            out[labels["result"]] += value
-    return out
+    counters = parse_prometheus(text, wanted=())
+    return {"hit": counters.get((CACHE_HIT, model), 0.0), "miss": counters.get((CACHE_MISS, model), 0.0)}
 
 
 @dataclass(frozen=True)
@@ -120,7 +117,8 @@ def breakdown(first: Sample, last: Sample) -> list[ModelBreakdown]:
         if n <= 0:
             continue
         execs = delta(EXEC_COUNT, model)
-        hits, lookups = delta(CACHE_HIT, model), delta(CACHE_HIT, model) + delta(CACHE_MISS, model)
+        hits = delta(CACHE_HIT, model)
+        lookups = hits + delta(CACHE_MISS, model)
         rows.append(ModelBreakdown(
             model=model, requests=n,
             queue_ms=delta(QUEUE_US, model) / n / 1000, compute_input_ms=delta(COMPUTE_INPUT_US, model) / n / 1000,
